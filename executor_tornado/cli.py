@@ -1,0 +1,103 @@
+"""The ``executor-tornado`` command line.
+
+Example::
+
+    executor-tornado serve --port 8080
+    executor-tornado config
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from executor_tornado.settings import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("executor_tornado")
+
+
+class CommandError(Exception):
+    """A command failed in a way the operator can fix; printed as one line."""
+
+
+def _load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first.get("loc", ()))
+        raise CommandError(f"Invalid setting {location}: {first.get('msg')}") from None
+
+
+async def _serve(settings: Settings) -> None:
+    from executor_tornado.app import Service
+
+    service = Service(settings)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "executor-tornado listening on %s (store %s, OAuth %s)",
+        service.base_url,
+        settings.masked()["store_url"],
+        "configured" if settings.issuer_url else "not configured",
+    )
+    await stop.wait()
+    log.info("Shutting down")
+    await service.stop()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load_settings(host=args.host, port=args.port)
+    from executor_tornado.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as exc:
+        raise CommandError(f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="executor-tornado", description="Self-hosted MCP service on Tornado")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="listen address (overrides EXECUTOR_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (overrides EXECUTOR_PORT)")
+    serve.set_defaults(func=_cmd_serve)
+
+    config = commands.add_parser("config", help="print the effective settings with secrets masked")
+    config.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        print(f"executor-tornado: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The base request handler: JSON errors, client address, rate limits.
+
+Every route handler derives from :class:`BaseHandler`. Application state
+(the :class:`~executor_tornado.app.Service`) reaches handlers through
+``self.settings["service"]``, never through module globals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import tornado.web
+
+from executor_tornado.ratelimit import client_ip, retry_after_header
+
+log = logging.getLogger("executor_tornado.http")
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Adds JSON bodies, ``{"error": ...}`` errors and the rate-limit check."""
+
+    @property
+    def service(self) -> Any:
+        return self.settings["service"]
+
+    def set_default_headers(self) -> None:
+        self.set_header("Server", "executor-tornado")
+        self.clear_header("Content-Type")
+
+    def check_xsrf_cookie(self) -> None:
+        """API routes take no cookies, so there is nothing for XSRF to protect."""
+
+    @property
+    def client_address(self) -> str:
+        cached = getattr(self, "_client_address", None)
+        if cached is None:
+            cached = client_ip(self.request.remote_ip or "", self.request.headers, self.service.trusted_networks)
+            self._client_address = cached
+        return cached
+
+    @property
+    def peer_is_trusted_proxy(self) -> bool:
+        return self.client_address != (self.request.remote_ip or "") or self.service.is_trusted_peer(
+            self.request.remote_ip or ""
+        )
+
+    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        """Finish with a JSON body (``body`` may be pre-serialized text)."""
+        self.set_status(status)
+        for name, value in (headers or {}).items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(body if isinstance(body, (str, bytes)) else json.dumps(body, separators=(",", ":")))
+
+    def send_error_json(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.send_json(status, {"error": message}, headers)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Render Tornado's own errors (404 of unknown routes, 405, 500) as JSON, without stack traces."""
+        messages = {
+            404: "Not found",
+            405: "Method not allowed",
+            500: "Internal server error",
+        }
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": messages.get(status_code, self._reason)}))
+
+    async def check_rate(self, route: str, per_minute: int) -> bool:
+        """Take a token for this client on ``route``; send 429 and return ``False`` when over the limit."""
+        decision = await self.service.limiter.check_route(
+            route, self.client_address, self.request.headers.get("User-Agent", ""), per_minute=per_minute
+        )
+        if decision.allowed:
+            return True
+        self.service.metrics.rate_limited(route)
+        self.send_error_json(429, "Rate limit exceeded", {"Retry-After": retry_after_header(decision)})
+        return False
+
+    def bearer_token(self) -> str | None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return token.strip()
+
+
+class NotFoundHandler(BaseHandler):
+    """The default handler: a JSON 404 for every unknown path and method."""
+
+    def prepare(self) -> None:
+        self.send_error_json(404, f"Not found: {self.request.path[:200]}")
