@@ -43,7 +43,6 @@ from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.transport_context import TransportContext
 from mcp_types import (
-    DEFAULT_NEGOTIATED_VERSION,
     HEADER_MISMATCH,
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -331,7 +330,10 @@ class McpTransport:
             responder.send_json(rejected.status, _error_body(code, rejected.message))
             return
 
-        version = request.headers.get(PROTOCOL_VERSION_HEADER, DEFAULT_NEGOTIATED_VERSION)
+        # The negotiated version decides the stream format (priming events):
+        # clients send older version headers on some requests, and the
+        # header was already checked to be a supported handshake version.
+        version = live.protocol_version
         caller = _with_session(request.caller, live.id, version)
         await self._touch(live)
         try:
