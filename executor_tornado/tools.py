@@ -2,7 +2,7 @@
 
 A tool is a :class:`ToolSpec`: a dotted path below ``tools`` (``kv.get``),
 a description, a JSON Schema for its input, a default approval mode and an
-async handler. The catalog holds three kinds:
+async handler. The catalog contains three kinds of tools:
 
 * ``catalog.namespaces``, ``catalog.tools`` and ``discover``, which list the
   catalog itself;
@@ -28,7 +28,7 @@ a :class:`ToolContext`, and returns a JSON-compatible value. An exception it
 raises reaches the agent's code at the call site: ``ValueError``,
 ``TypeError``, ``KeyError``, ``LookupError``, ``PermissionError``,
 ``TimeoutError``, ``NotImplementedError`` and ``OSError`` keep their type and
-message, any other exception is logged and reaches the code as a
+message. Any other exception is logged and reaches the code as a
 ``RuntimeError`` without its message.
 
 Example::
@@ -80,7 +80,7 @@ tools_log = logging.getLogger("executor_tornado.tools")
 ENTRY_POINT_GROUP: Final = "executor_tornado.tools"
 APPROVAL_MODES: Final = ("auto", "required", "deny")
 CATALOG_PATHS: Final = frozenset({"catalog.namespaces", "catalog.tools", "discover"})
-"""Tools that only read the catalog; approval policies do not apply to them."""
+"""Tools that only read the catalog. Approval policies do not apply to them."""
 RESERVED_NAMESPACES: Final = frozenset({"catalog", "discover", "kv"})
 
 KV_MAX_KEY_CHARS: Final = 256
@@ -106,7 +106,7 @@ class ToolContext:
     """Who is calling a tool, passed to every handler.
 
     ``sandbox_pid`` is the process id of the sandbox worker running the
-    calling code, for diagnostics; it is ``None`` when unknown.
+    calling code, for diagnostics, or ``None`` when unknown.
     """
 
     workspace_id: str
@@ -136,12 +136,12 @@ def _object_schema() -> dict[str, Any]:
 class ToolSpec:
     """One tool: its path below ``tools``, description, input schema, default approval mode and handler.
 
-    ``input_schema`` is a JSON Schema for the ``dict`` of arguments (keyword
-    arguments of the call; positional arguments fill the schema's
-    ``properties`` in their declared order). ``approval`` is the mode used
-    when no workspace policy matches: ``auto`` runs the call, ``required``
-    pauses the run until a person approves it, ``deny`` never runs it.
-    Raise :class:`ValueError` for an invalid path, mode or schema.
+    ``input_schema`` is a JSON Schema for the ``dict`` of arguments: the
+    keyword arguments of the call, plus positional arguments, which fill the
+    schema's ``properties`` in their declared order. ``approval`` is the mode
+    used when no workspace policy matches: ``auto`` runs the call,
+    ``required`` pauses the run until a person approves it, ``deny`` never
+    runs it. Raise :class:`ValueError` for an invalid path, mode or schema.
     """
 
     path: str
@@ -158,11 +158,14 @@ class ToolSpec:
             )
         if not isinstance(self.description, str) or not self.description.strip():
             raise ValueError(f"Tool {self.path!r} has no description")
+        if not isinstance(self.input_schema, Mapping):
+            raise ValueError(f"Tool {self.path!r} has an input schema that is not a JSON object")
         if not callable(self.handler):
             raise ValueError(f"Tool {self.path!r} has a handler that is not callable: {self.handler!r}")
         if self.approval not in APPROVAL_MODES:
             raise ValueError(
-                f"Tool {self.path!r} has the approval mode {self.approval!r}; use one of {', '.join(APPROVAL_MODES)}"
+                f"Tool {self.path!r} has the invalid approval mode {self.approval!r}: "
+                f"use one of {', '.join(APPROVAL_MODES)}"
             )
         try:
             jsonschema.validators.validator_for(self.input_schema).check_schema(self.input_schema)
@@ -194,8 +197,8 @@ ApprovalResolver = Callable[[ToolSpec], str]
 class ToolCatalog:
     """The tools of the service, by path, with the listing tools built in.
 
-    The catalog is the same for every workspace; approval policies and the
-    ``kv`` data are per workspace.
+    The catalog is the same for every workspace, while approval policies
+    and the ``kv`` data belong to one workspace.
     """
 
     def __init__(self, specs: Iterable[ToolSpec] = ()) -> None:
@@ -206,7 +209,7 @@ class ToolCatalog:
             self.add(spec)
 
     def add(self, spec: ToolSpec) -> None:
-        """Add a tool; raise :class:`ValueError` when its path is taken or clashes with a namespace."""
+        """Add a tool. Raise :class:`ValueError` when its path is taken or clashes with a namespace."""
         if spec.path in self._specs:
             raise ValueError(f"Duplicate tool path {spec.path!r}")
         for existing in self._specs:
@@ -241,8 +244,8 @@ class ToolCatalog:
     ) -> list[dict[str, Any]]:
         """List tools sorted by path, optionally in one namespace and matching every word of ``query``.
 
-        ``approval_for`` gives each listed tool its effective approval mode;
-        without it the tool's default is shown.
+        ``approval_for`` gives each listed tool its effective approval mode.
+        Without it the listing shows the tool's default.
         """
         words = _words(query)
         selected = []
@@ -260,9 +263,9 @@ class ToolCatalog:
     ) -> list[dict[str, Any]]:
         """Return the tools that best match ``query``, best first.
 
-        A query word found in a path segment scores 3, inside the path 2,
-        in the description 1; tools scoring 0 are left out. An empty query
-        lists every tool by path.
+        A query word equal to a path segment scores 3, one inside the path
+        scores 2 and one in the description scores 1. Tools scoring 0 are
+        left out, and an empty query lists every tool by path.
         """
         words = _words(query)
         scored = []
@@ -314,11 +317,11 @@ class ToolCatalog:
         raise ToolInputError(f"Invalid input for tools.{spec.path}{where}: {error.message}")
 
     async def invoke(self, spec: ToolSpec, arguments: dict[str, Any], context: ToolContext) -> Any:
-        """Validate ``arguments`` and run the tool; return its JSON-compatible result.
+        """Validate ``arguments``, run the tool and return its JSON-compatible result.
 
-        Raise :class:`ToolInputError` for invalid input. Exceptions of the
-        handler of the kinds listed in the module docstring propagate; any
-        other is logged and replaced by a :class:`RuntimeError`.
+        Raise :class:`ToolInputError` for invalid input. Handler exceptions
+        of the kinds listed in the module docstring propagate. Any other is
+        logged and replaced by a :class:`RuntimeError`.
         """
         self.validate(spec, arguments)
         try:
@@ -332,8 +335,8 @@ class ToolCatalog:
                 "Tool %s failed in task %s of workspace %s", spec.path, context.task_id, context.workspace_id
             )
             raise RuntimeError(
-                f"tools.{spec.path} failed with an internal error ({type(error).__name__}); "
-                "the service log has the details"
+                f"tools.{spec.path} failed with an internal error ({type(error).__name__}). "
+                "The service log has the details."
             ) from error
         return to_json_compatible(result)
 
@@ -421,7 +424,7 @@ def _clamp_limit(limit: int) -> int:
 def kv_tools(store: Store, clock: Clock | None = None) -> list[ToolSpec]:
     """Build the ``kv`` tools over ``store``, scoped to the calling workspace.
 
-    ``clock.time()`` gives the values' update time; the wall clock by default.
+    ``clock.time()`` gives the values' update time, and the default is the wall clock.
     """
     now = clock.time if clock is not None else time.time
     key_schema = {"type": "string", "minLength": 1, "maxLength": KV_MAX_KEY_CHARS}
@@ -473,7 +476,7 @@ def kv_tools(store: Store, clock: Clock | None = None) -> list[ToolSpec]:
         ),
         ToolSpec(
             path="kv.delete",
-            description="Delete a key in this workspace; return whether it existed.",
+            description="Delete a key in this workspace and return whether it existed.",
             handler=delete,
             input_schema={
                 "type": "object",
@@ -504,8 +507,8 @@ def kv_tools(store: Store, clock: Clock | None = None) -> list[ToolSpec]:
 def load_plugin_tools(group: str = ENTRY_POINT_GROUP, *, strict: bool = True) -> list[ToolSpec]:
     """Load the tools of every installed plug-in of the entry-point ``group``.
 
-    With ``strict`` a plug-in that fails to load raises :class:`PluginError`;
-    without it the failure is logged and the plug-in is skipped.
+    With ``strict`` a plug-in that fails to load raises :class:`PluginError`.
+    Without it the failure is logged and the plug-in is skipped.
     """
     specs: list[ToolSpec] = []
     for entry_point in sorted(importlib.metadata.entry_points(group=group), key=lambda ep: ep.name):
@@ -526,7 +529,7 @@ def load_plugin_tools(group: str = ENTRY_POINT_GROUP, *, strict: bool = True) ->
 def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> list[ToolSpec]:
     label = f"plug-in {entry_point.name!r} ({entry_point.value})"
     if entry_point.name in RESERVED_NAMESPACES:
-        raise PluginError(f"The {label} uses the reserved namespace {entry_point.name!r}; rename the entry point")
+        raise PluginError(f"The {label} uses the reserved namespace {entry_point.name!r}: rename the entry point")
     try:
         loaded = entry_point.load()
         if callable(loaded):
@@ -544,7 +547,7 @@ def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> list[ToolSp
             raise PluginError(f"The {label} declares an invalid tool {item!r}: {error}") from error
         if not spec.path.startswith(entry_point.name + "."):
             raise PluginError(
-                f"The {label} declares the tool {spec.path!r} outside its namespace; "
+                f"The {label} declares the tool {spec.path!r} outside its namespace: "
                 f"its paths must start with {entry_point.name + '.'!r}"
             )
         specs.append(spec)
