@@ -47,9 +47,9 @@ BODY_TIMEOUT_SECONDS = 30.0
 
 def make_routes() -> list[Any]:
     """The route table, one ``default_handlers`` list per handlers module."""
-    from handlers import anonymous, discovery, health, mcp
+    from handlers import anonymous, discovery, health, mcp, webhooks
 
-    return [*discovery.default_handlers, *anonymous.default_handlers, *mcp.default_handlers, *health.default_handlers]
+    return [*discovery.default_handlers, *anonymous.default_handlers, *mcp.default_handlers, *webhooks.default_handlers, *health.default_handlers]
 
 
 class Service:

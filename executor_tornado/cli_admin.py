@@ -1,0 +1,142 @@
+"""Operator commands that read the store: ``billing show`` and ``account show``.
+
+They open the store the service uses (``EXECUTOR_STORE_URL``, else the
+SQLite file in ``EXECUTOR_DATA_DIR``) and print JSON, so an operator can see
+what the Stripe and WorkOS webhooks stored.
+
+Example::
+
+    executor-tornado billing show org_01H...
+    executor-tornado account show user_01H...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from executor_tornado.settings import Settings
+from store import Store, StoreError, open_store
+
+__all__ = ["add_commands"]
+
+T = TypeVar("T")
+
+
+class AdminError(Exception):
+    """A command failed in a way the operator can fix; printed as one line."""
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add the ``billing`` and ``account`` commands to the ``executor-tornado`` parser."""
+    billing = subparsers.add_parser("billing", help="show the Stripe billing records of organizations")
+    billing_commands = billing.add_subparsers(dest="billing_command", required=True)
+    billing_show = billing_commands.add_parser(
+        "show", help="print an organization and its billing records (customer, subscriptions, ...) as JSON"
+    )
+    billing_show.add_argument("organization_id", metavar="ORG", help="organization id, such as a WorkOS org_... id")
+    billing_show.set_defaults(func=_cmd_billing_show)
+
+    account = subparsers.add_parser("account", help="show accounts")
+    account_commands = account.add_subparsers(dest="account_command", required=True)
+    account_show = account_commands.add_parser(
+        "show", help="print an account, its personal workspaces and its API keys (without key bytes) as JSON"
+    )
+    account_show.add_argument("account_id", metavar="ID", help="account id: anon_... or a WorkOS user_... id")
+    account_show.set_defaults(func=_cmd_account_show)
+
+
+def _cmd_billing_show(args: argparse.Namespace) -> int:
+    organization_id = args.organization_id
+
+    async def show(store: Store) -> dict[str, Any]:
+        organization = await store.get_organization(organization_id)
+        records = await store.list_billing_records(organization_id)
+        if organization is None and not records:
+            raise AdminError(f"No organization or billing records found for {organization_id!r}")
+        return {
+            "organization": _as_json(organization),
+            "billingRecords": [_as_json(record) for record in records],
+        }
+
+    return _run_command(lambda: _with_store(show))
+
+
+def _cmd_account_show(args: argparse.Namespace) -> int:
+    account_id = args.account_id
+
+    async def show(store: Store) -> dict[str, Any]:
+        account = await store.get_account(account_id)
+        if account is None:
+            raise AdminError(f"Account {account_id!r} not found")
+        workspaces = await store.list_workspaces(owner_account_id=account_id)
+        keys = await store.list_api_keys(account_id=account_id)
+        return {
+            "account": _as_json(account),
+            "workspaces": [_as_json(workspace) for workspace in workspaces],
+            "apiKeys": [_as_json(key) for key in keys],
+        }
+
+    return _run_command(lambda: _with_store(show))
+
+
+def _with_store(action: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the configured store, run ``action`` on it and close it."""
+    settings = _settings()
+    url = settings.resolved_store_url
+    if url.startswith("sqlite:///"):
+        # Opening a missing SQLite file would create an empty store.
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise AdminError(
+                f"No store at {path}: set EXECUTOR_DATA_DIR or EXECUTOR_STORE_URL to the service's store"
+            )
+
+    try:
+        store = open_store(url)
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
+
+    async def run() -> T:
+        try:
+            await store.open()
+            return await action(store)
+        except StoreError as exc:
+            raise AdminError(f"Reading the store failed: {exc}") from None
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first.get("loc", ()))
+        raise AdminError(f"Invalid setting {location}: {first.get('msg')}") from None
+
+
+def _run_command(command: Callable[[], Any]) -> int:
+    """Print the command's result as JSON and return 0, or print its error as one line and return 1."""
+    try:
+        result = command()
+    except AdminError as exc:
+        print(f"executor-tornado: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _as_json(record: Any) -> dict[str, Any] | None:
+    return None if record is None else dataclasses.asdict(record)
+
