@@ -182,8 +182,17 @@ class McpHandler(BaseHandler):
         if self._closed.is_set():
             raise ConnectionError("client disconnected")
         self.write(data)
+        flushed = self.flush()
+        if not flushed.done():
+            # Tornado 6 drops (never resolves) a pending flush when the
+            # connection closes, so wait for the close as well.
+            closed = asyncio.ensure_future(self._closed.wait())
+            await asyncio.wait({flushed, closed}, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if not flushed.done():
+                raise ConnectionError("client disconnected")
         try:
-            await self.flush()
+            flushed.result()
         except StreamClosedError:
             raise ConnectionError("client disconnected") from None
 

@@ -59,6 +59,11 @@ class McpHttp:
             yield response
 
 
+def seq(event_id: str) -> int:
+    """Return the store sequence number of an SSE event id (``<seq>/<stream>``)."""
+    return int(event_id.split("/")[0])
+
+
 def call(request_id: int, tool: str, arguments: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> dict:
     params: dict[str, Any] = {"name": tool, "arguments": arguments or {}}
     if meta:
@@ -192,8 +197,10 @@ async def test_request_answered_as_sse_with_priming(data_dir: Path) -> None:
         assert [p["params"]["progress"] for p in progress] == [1, 2, 3]
         assert all(p["params"]["progressToken"] == "p1" for p in progress)
         assert events[-1].message["result"]["content"][0]["text"] == "done 3"
-        ids = [int(e.id) for e in events]
-        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        sequence_numbers = [seq(e.id) for e in events]
+        assert sequence_numbers == sorted(sequence_numbers)
+        assert len(set(sequence_numbers)) == len(sequence_numbers)
+        assert len({e.id.split("/")[1] for e in events}) == 1, "one stream token per POST stream"
 
 
 async def test_no_priming_before_2025_11_25(data_dir: Path) -> None:
@@ -262,10 +269,13 @@ async def test_last_event_id_replays_only_that_session(data_dir: Path) -> None:
         assert [e.message for e in replayed] == [e.message for e in missed]
 
         async with mcp.stream("GET", other, Accept="text/event-stream", **{"Last-Event-ID": priming.id}) as foreign:
+            assert foreign.status_code == 200
             reader = SseReader(foreign)
+            assert (await mcp.post(call(3, "announce"), other)).status_code == 200
             event = await reader.next_event()
-            assert event.data == "", "another session's event id replays nothing; a fresh stream starts"
-            assert event.id != priming.id
+        own_ids = {seq(e.id) for e in missed}
+        assert seq(event.id) not in own_ids, "another session's event id replays none of its events"
+        assert seq(event.id) > max(own_ids)
 
 
 async def test_post_stream_resumed_with_get(data_dir: Path) -> None:
@@ -280,7 +290,7 @@ async def test_post_stream_resumed_with_get(data_dir: Path) -> None:
             events = await SseReader(resumed).events_until_response(5)
         assert [e.message["params"]["progress"] for e in events[:-1]] == [2, 3, 4]
         assert events[-1].message["result"]["content"][0]["text"] == "done 4"
-        assert int(events[0].id) > int(first_progress.id) > int(priming.id)
+        assert seq(events[0].id) > seq(first_progress.id) > seq(priming.id)
 
 
 async def test_delete_ends_streams_and_closes(data_dir: Path) -> None:

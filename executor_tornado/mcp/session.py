@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ __all__ = ["GET_STREAM_ID", "LiveSession", "PendingRequest", "SessionRuntime"]
 
 log = logging.getLogger("executor_tornado.mcp")
 
-GET_STREAM_ID = "_get"
+GET_STREAM_ID = "g"
 PRIMING_MIN_VERSION = "2025-11-25"
 TRIM_EVERY_EVENTS = 64
 REQUEST_CANCELLED = -32800
@@ -214,7 +215,7 @@ class LiveSession:
         pending = None
         if isinstance(message, JSONRPCRequest):
             key = _id_key(message.id)
-            pending = PendingRequest(request_id=message.id, stream_id=f"req:{key}", protocol_version=protocol_version)
+            pending = PendingRequest(request_id=message.id, stream_id=_stream_token(key), protocol_version=protocol_version)
             self.pending[key] = pending
             metadata = ServerMessageMetadata(
                 request_context=context,
@@ -309,7 +310,7 @@ class LiveSession:
         pending.mode = "sse"
         if wants_priming(pending.protocol_version):
             seq = await self._runtime.store.append_event(self.id, pending.stream_id, None, self._runtime.clock.time())
-            pending.backlog.append(priming_frame(str(seq), self._runtime.sse_retry_ms))
+            pending.backlog.append(priming_frame(event_id(seq, pending.stream_id), self._runtime.sse_retry_ms))
         pending.decided.set()
 
     def _send(self, pending: PendingRequest, frame: bytes) -> None:
@@ -338,8 +339,8 @@ class LiveSession:
                 min_created_at=now - runtime.event_log_max_age_seconds,
             )
         if data is None:
-            return priming_frame(str(seq), runtime.sse_retry_ms)
-        return event_frame(str(seq), data)
+            return priming_frame(event_id(seq, stream_id), runtime.sse_retry_ms)
+        return event_frame(event_id(seq, stream_id), data)
 
     # -- streams ---------------------------------------------------------------------
 
@@ -354,38 +355,53 @@ class LiveSession:
         else:
             pending.stream = stream
 
-    async def open_get_stream(self, stream: SseStream) -> None:
-        """Attach a new standalone stream, starting with a priming event where the version wants one."""
+    async def open_get_stream(self, stream: SseStream) -> bool:
+        """Attach a new standalone stream, starting with a priming event where the version wants one.
+
+        Return ``False`` when the session already has an open GET stream.
+        """
         async with self._get_lock:
+            if self.get_stream is not None and self.get_stream.is_open:
+                return False
             self.get_stream = stream
             if wants_priming(self.protocol_version):
                 stream.send(await self._append(GET_STREAM_ID, None))
+            return True
 
-    async def resume(self, last_seq: int, stream: SseStream) -> bool:
-        """Replay events after ``last_seq`` on the stream they belong to, then continue live.
+    async def resume(self, last_event_id: str, stream: SseStream) -> bool:
+        """Replay the events after ``last_event_id`` on the stream it names, then continue live.
 
-        Replay and attachment happen under the stream's lock, so an event
-        routed meanwhile is either replayed or sent live, never lost. Return
-        ``False`` when the event is not in the session's log (never stored,
-        trimmed, or another session's).
+        An event id is ``<seq>/<stream token>``, so a stream can be resumed even
+        when the event itself has left the replay window; the client then gets
+        the events still in the window. Replay and attachment happen under the
+        stream's lock, so an event routed meanwhile is either replayed or sent
+        live, never lost. The stream's writer must already be running, because
+        the replay waits for the client to read. Return ``False`` for an id
+        that is not well formed. Lookups are scoped to this session, so another
+        session's id never replays that session's events.
         """
-        anchor = await self._runtime.store.get_event(self.id, last_seq)
-        if anchor is None:
+        parsed = parse_event_id(last_event_id)
+        if parsed is None:
             return False
+        last_seq, stream_id = parsed
 
-        if anchor.stream_id == GET_STREAM_ID:
+        if stream_id == GET_STREAM_ID:
             async with self._get_lock:
-                await self._replay(anchor.stream_id, last_seq, stream)
+                await self._replay(stream_id, last_seq, stream)
+                # A reconnecting client takes over from its previous GET stream,
+                # which may not have been noticed as dead yet.
+                if self.get_stream is not None and self.get_stream is not stream:
+                    self.get_stream.close()
                 self.get_stream = stream
             return True
 
-        pending = next((p for p in self.pending.values() if p.stream_id == anchor.stream_id), None)
+        pending = next((p for p in self.pending.values() if p.stream_id == stream_id), None)
         if pending is None:
-            await self._replay(anchor.stream_id, last_seq, stream)
+            await self._replay(stream_id, last_seq, stream)
             stream.close()
             return True
         async with pending.lock:
-            await self._replay(anchor.stream_id, last_seq, stream)
+            await self._replay(stream_id, last_seq, stream)
             if pending.finished.is_set():
                 stream.close()
             else:
@@ -402,12 +418,31 @@ class LiveSession:
                 if event.stream_id != stream_id:
                     continue
                 if event.data is None:
-                    stream.send(priming_frame(str(event.seq), self._runtime.sse_retry_ms))
+                    frame = priming_frame(event_id(event.seq, stream_id), self._runtime.sse_retry_ms)
                 else:
-                    stream.send(event_frame(str(event.seq), event.data))
+                    frame = event_frame(event_id(event.seq, stream_id), event.data)
+                if not await stream.send_paced(frame):
+                    return
             if len(events) < page:
                 return
             after_seq = events[-1].seq
+
+
+def event_id(seq: int, stream_id: str) -> str:
+    """Return the SSE event id: the store sequence number and the stream it belongs to."""
+    return f"{seq}/{stream_id}"
+
+
+def parse_event_id(value: str) -> tuple[int, str] | None:
+    seq, _, stream_id = value.strip().partition("/")
+    if not seq.isdigit() or len(seq) > 18 or not stream_id or len(stream_id) > 64:
+        return None
+    return int(seq), stream_id
+
+
+def _stream_token(key: str) -> str:
+    """Return a short token for a request's stream, safe inside an SSE ``id:`` line whatever the request id holds."""
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def _id_key(request_id: RequestId) -> str:

@@ -87,6 +87,7 @@ class SseStream:
         self._frames: collections.deque[bytes] = collections.deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
         self._closing = False
         self.overflowed = False
         self.done = asyncio.Event()
@@ -109,6 +110,24 @@ class SseStream:
         self._wakeup.set()
         return True
 
+    async def send_paced(self, frame: bytes) -> bool:
+        """Queue ``frame`` once the queue has room, for bulk writers such as a replay.
+
+        Unlike :meth:`send` this waits for the client to read instead of
+        dropping the stream, but a client that reads nothing for two
+        keep-alive intervals is dropped all the same. Return ``False`` when
+        the stream is closed.
+        """
+        while self.is_open and self._queued_bytes and self._queued_bytes + len(frame) > self._buffer_bytes:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout=2 * self._keepalive_seconds)
+            except asyncio.TimeoutError:
+                log.warning("SSE client stopped reading during a replay; dropping the stream")
+                self._drop()
+                return False
+        return self.send(frame)
+
     def close(self, final: bytes | None = None) -> None:
         """Write ``final`` (if any) after the queued frames, then end the response."""
         if not self.is_open:
@@ -126,6 +145,7 @@ class SseStream:
         self._responder.abort()
         self.done.set()
         self._wakeup.set()
+        self._drained.set()
 
     async def run(self) -> None:
         """Write frames until the stream is closed or the client disconnects."""
@@ -139,6 +159,7 @@ class SseStream:
                     except ConnectionError:
                         break
                     self._queued_bytes -= len(frame)
+                    self._drained.set()
                     continue
                 if self._closing:
                     self._responder.finish_stream()
@@ -160,3 +181,4 @@ class SseStream:
             self._queued_bytes = 0
             self._closing = True
             self.done.set()
+            self._drained.set()

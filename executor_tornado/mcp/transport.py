@@ -58,7 +58,7 @@ from mcp_types import (
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
 
-from executor_tornado.mcp.session import LiveSession, PendingRequest, SessionRuntime, message_json
+from executor_tornado.mcp.session import LiveSession, PendingRequest, SessionRuntime, message_json, parse_event_id
 from executor_tornado.mcp.sse import SSE_HEADERS, Responder, SseStream, event_frame
 from executor_tornado.mcp.state import Rejected, SessionEvent, SessionState, next_state
 from store.base import DuplicateError
@@ -461,23 +461,22 @@ class McpTransport:
             buffer_bytes=self._runtime.sse_buffer_bytes,
             keepalive_seconds=self._runtime.sse_keepalive_seconds,
         )
-        last_event_id = (request.headers.get("Last-Event-ID") or "").strip()
-        resumed = False
-        if last_event_id.isdigit() and len(last_event_id) < 20:
-            resumed = await live.resume(int(last_event_id), stream)
-        if not resumed:
-            if live.get_stream is not None and live.get_stream.is_open:
-                responder.send_json(
-                    409, _error_body(INVALID_REQUEST, "Conflict: this session already has an open GET stream")
-                )
-                return
-            await live.open_get_stream(stream)
-        responder.start_stream({**SSE_HEADERS, SESSION_ID_HEADER: live.id})
+        parsed = parse_event_id(request.headers.get("Last-Event-ID") or "")
+        if parsed is None and not await live.open_get_stream(stream):
+            responder.send_json(409, _error_body(INVALID_REQUEST, "Conflict: this session already has an open GET stream"))
+            return
 
-        await self._touch(live)
+        responder.start_stream({**SSE_HEADERS, SESSION_ID_HEADER: live.id})
+        writer = asyncio.ensure_future(stream.run())
         try:
-            await stream.run()
+            if parsed is not None:
+                await live.resume(request.headers["Last-Event-ID"], stream)
+            await self._touch(live)
+            await writer
         finally:
+            if not writer.done():
+                stream.close()
+                await writer
             if live.get_stream is stream:
                 live.get_stream = None
             live.last_activity = self._runtime.clock.time()
