@@ -6,18 +6,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test clean
+
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# Test-only extras: the demo tool plug-in (an entry point the tests load)
+# and the MCP conformance suite with the Node.js 22 it runs on.
+$(VENV)/.test-extras: $(STAMP) tests/plugins/demo_tools/setup.cfg tests/conformance/package-lock.json
+	$(BIN)/pip install --quiet -e tests/plugins/demo_tools
+	npm ci --prefix tests/conformance --no-audit --no-fund --loglevel=error
+	touch $(VENV)/.test-extras
 
 run: $(STAMP)
 	$(BIN)/executor-tornado serve
 
-test: $(STAMP)
+test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest
 
 clean:
