@@ -74,6 +74,7 @@ class Service:
         self.oauth_verifier: OAuthVerifier | None = None
         self.metadata_proxy: MetadataProxy | None = None
         self.transport: McpTransport | None = None
+        self.execution: Any = None
         self.http_server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self._exit_stack = contextlib.AsyncExitStack()
@@ -144,6 +145,12 @@ class Service:
         self._started = True
 
     async def _start_mcp(self) -> None:
+        from executor_tornado.execution import Execution
+
+        self.execution = Execution(self.store, self.settings, self.clock)
+        await self.execution.start()
+        self._exit_stack.push_async_callback(self.execution.close)
+        self.execution.register(self.registry)
         load_plugins(self.registry, self.settings.mcp_plugins)
         server = self.registry.build_server(SERVER_NAME, __version__)
         lifespan_state = await self._exit_stack.enter_async_context(server.lifespan(server))

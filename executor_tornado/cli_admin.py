@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from executor_tornado.settings import Settings
 from store import Store, StoreError, open_store
 
-__all__ = ["add_commands"]
+__all__ = ["AdminError", "add_commands", "as_json", "load_settings", "run_command", "with_store"]
 
 T = TypeVar("T")
 
@@ -63,11 +63,11 @@ def _cmd_billing_show(args: argparse.Namespace) -> int:
         if organization is None and not records:
             raise AdminError(f"No organization or billing records found for {organization_id!r}")
         return {
-            "organization": _as_json(organization),
-            "billingRecords": [_as_json(record) for record in records],
+            "organization": as_json(organization),
+            "billingRecords": [as_json(record) for record in records],
         }
 
-    return _run_command(lambda: _with_store(show))
+    return run_command(lambda: with_store(show))
 
 
 def _cmd_account_show(args: argparse.Namespace) -> int:
@@ -80,17 +80,17 @@ def _cmd_account_show(args: argparse.Namespace) -> int:
         workspaces = await store.list_workspaces(owner_account_id=account_id)
         keys = await store.list_api_keys(account_id=account_id)
         return {
-            "account": _as_json(account),
-            "workspaces": [_as_json(workspace) for workspace in workspaces],
-            "apiKeys": [_as_json(key) for key in keys],
+            "account": as_json(account),
+            "workspaces": [as_json(workspace) for workspace in workspaces],
+            "apiKeys": [as_json(key) for key in keys],
         }
 
-    return _run_command(lambda: _with_store(show))
+    return run_command(lambda: with_store(show))
 
 
-def _with_store(action: Callable[[Store], Awaitable[T]]) -> T:
+def with_store(action: Callable[[Store], Awaitable[T]]) -> T:
     """Open the configured store, run ``action`` on it and close it."""
-    settings = _settings()
+    settings = load_settings()
     url = settings.resolved_store_url
     if url.startswith("sqlite:///"):
         # Opening a missing SQLite file would create an empty store.
@@ -117,7 +117,7 @@ def _with_store(action: Callable[[Store], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-def _settings() -> Settings:
+def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
@@ -126,7 +126,7 @@ def _settings() -> Settings:
         raise AdminError(f"Invalid setting {location}: {first.get('msg')}") from None
 
 
-def _run_command(command: Callable[[], Any]) -> int:
+def run_command(command: Callable[[], Any]) -> int:
     """Print the command's result as JSON and return 0, or print its error as one line and return 1."""
     try:
         result = command()
@@ -137,6 +137,6 @@ def _run_command(command: Callable[[], Any]) -> int:
     return 0
 
 
-def _as_json(record: Any) -> dict[str, Any] | None:
+def as_json(record: Any) -> dict[str, Any] | None:
     return None if record is None else dataclasses.asdict(record)
 

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
 
     # -- sandbox -------------------------------------------------------------------
     sandbox_workers: int = Field(2, gt=0, validation_alias=_env("EXECUTOR_SANDBOX_WORKERS"))
+    sandbox_max_duration_seconds: float = Field(
+        30.0, gt=0, validation_alias=_env("EXECUTOR_SANDBOX_MAX_DURATION_SECONDS")
+    )
+    approval_wait_seconds: float = Field(300.0, ge=0, validation_alias=_env("EXECUTOR_APPROVAL_WAIT_SECONDS"))
     sandbox_max_memory_bytes: int = Field(
         256 * 1024 * 1024, gt=0, validation_alias=_env("EXECUTOR_SANDBOX_MAX_MEMORY_BYTES")
     )
