@@ -118,8 +118,8 @@ class Service:
         self._exit_stack.push_async_callback(self.store.close)
 
         self.keys = load_key_material(self.settings, self.clock)
-        for path in self.keys.generated:
-            log.info("Generated %s (mode 0600); it is reused on restart", path)
+        if self.keys.generated:
+            log.info("Generated %s (mode 0600); reused on restart", " and ".join(self.keys.generated))
         if self.settings.issuer_url:
             self.oauth_verifier = OAuthVerifier(self.settings, self.clock)
             self.metadata_proxy = MetadataProxy(self.settings, self.clock)
