@@ -161,6 +161,9 @@ async def authorize_oauth(store: Store, principal: OAuthPrincipal, workspace_id:
     workspace = await store.get_workspace(workspace_id)
     if workspace is None or workspace.organization_id is None:
         raise AuthFailure(403, "You are not a member of this workspace's organization")
+    organization = await store.get_organization(workspace.organization_id)
+    if organization is not None and organization.deleted:
+        raise AuthFailure(403, "This workspace's organization was deleted")
     membership = await store.get_membership(workspace.organization_id, principal.subject)
     if membership is None or membership.status != "active":
         raise AuthFailure(403, "You are not a member of this workspace's organization")

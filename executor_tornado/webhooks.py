@@ -333,17 +333,21 @@ class WebhookProcessor:
         return await self._process("workos", event.id, lambda: self._apply_workos(event))
 
     async def _process(self, provider: str, event_id: str, apply: Callable[[], Awaitable[Outcome]]) -> Outcome:
-        if not await self._store.record_webhook_receipt(provider, event_id, self._clock.time()):
-            return Outcome.DUPLICATE
+        """Apply an event once; the receipt is written only after the effect.
 
-        # NOTE: a process killed between the receipt and the effect leaves a
-        # receipt without its effect, and the provider's retry is then taken
-        # for a duplicate. Only a failure that raises here is retried.
-        try:
-            return await apply()
-        except BaseException:
-            await self._store.forget_webhook_receipt(provider, event_id)
-            raise
+        A process killed between the effect and the receipt leaves no
+        receipt, so the provider's retry applies the event again. Every
+        effect is idempotent and ignores older state, so that is harmless,
+        whereas a receipt written first would turn that retry into a
+        duplicate and lose the event.
+        """
+        if await self._store.has_webhook_receipt(provider, event_id):
+            return Outcome.DUPLICATE
+        outcome = await apply()
+        if not await self._store.record_webhook_receipt(provider, event_id, self._clock.time()):
+            # A concurrent delivery of the same event applied it too; both effects are the same.
+            return Outcome.DUPLICATE
+        return outcome
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks[zlib.crc32(key.encode("utf-8")) % LOCK_STRIPES]

@@ -231,6 +231,10 @@ class Store(abc.ABC):
         """Record that an event was received (atomic). Return ``False`` if it was already."""
 
     @abc.abstractmethod
+    async def has_webhook_receipt(self, provider: str, event_id: str) -> bool:
+        """Return whether the event's receipt is recorded."""
+
+    @abc.abstractmethod
     async def forget_webhook_receipt(self, provider: str, event_id: str) -> None:
         """Delete a receipt, so a delivery whose processing failed can be retried."""
 

@@ -644,6 +644,12 @@ class MongoStore(Store):
             return False
         return True
 
+    async def has_webhook_receipt(self, provider: str, event_id: str) -> bool:
+        found = await self._collection(_WEBHOOK_RECEIPTS).find_one(
+            {"provider": provider, "event_id": event_id}, projection={"_id": 1}
+        )
+        return found is not None
+
     async def forget_webhook_receipt(self, provider: str, event_id: str) -> None:
         await self._collection(_WEBHOOK_RECEIPTS).delete_one({"provider": provider, "event_id": event_id})
 

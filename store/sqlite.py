@@ -751,6 +751,15 @@ class SQLiteStore(Store):
         )
         return inserted > 0
 
+    async def has_webhook_receipt(self, provider: str, event_id: str) -> bool:
+        def exists(connection: sqlite3.Connection) -> bool:
+            row = connection.execute(
+                "SELECT 1 FROM webhook_receipts WHERE provider = ? AND event_id = ?", (provider, event_id)
+            ).fetchone()
+            return row is not None
+
+        return await self._run(exists)
+
     async def forget_webhook_receipt(self, provider: str, event_id: str) -> None:
         await self._execute_count(
             "DELETE FROM webhook_receipts WHERE provider = ? AND event_id = ?", (provider, event_id)

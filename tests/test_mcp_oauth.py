@@ -202,3 +202,16 @@ async def test_disabled_account_is_401(data_dir: Path) -> None:
             headers={**MCP_HEADERS, "Authorization": f"Bearer {auth.token(MEMBER)}"},
         )
         assert response.code == 401
+
+
+async def test_deleted_organization_is_403(data_dir: Path) -> None:
+    async with oauth_service(data_dir) as (service, auth):
+        organization = await service.store.get_organization("org_1")
+        organization.deleted = True
+        await service.store.put_organization(organization)
+        response = await fetch(
+            url(service), method="POST", body=initialize_body(),
+            headers={**MCP_HEADERS, "Authorization": f"Bearer {auth.token(MEMBER)}"},
+        )
+        assert response.code == 403
+        assert json_body(response) == {"error": "This workspace's organization was deleted"}

@@ -847,6 +847,13 @@ async def test_webhook_receipt_once(store):
     assert await store.record_webhook_receipt("workos", "evt_1", T0) is True
 
 
+async def test_has_webhook_receipt(store):
+    assert await store.has_webhook_receipt("stripe", "evt_1") is False
+    await store.record_webhook_receipt("stripe", "evt_1", T0)
+    assert await store.has_webhook_receipt("stripe", "evt_1") is True
+    assert await store.has_webhook_receipt("workos", "evt_1") is False
+
+
 async def test_forget_webhook_receipt(store):
     await store.record_webhook_receipt("stripe", "evt_1", T0)
 
