@@ -54,6 +54,8 @@ API_KEY_AUDIENCE = "executor-mcp"
 PRIVATE_KEY_FILE = "anonymous-signing-key.pem"
 RETIRED_KEYS_FILE = "anonymous-retired-keys.json"
 API_KEY_SECRET_FILE = "api-key-secret"
+# Issued keys are under 1 KiB; anything far larger is rejected before parsing.
+MAX_API_KEY_BYTES = 4096
 
 
 def new_id(prefix: str) -> str:
@@ -224,6 +226,8 @@ class ApiKeys:
 
     def decode(self, token: str) -> ApiKeyClaims:
         """Verify signature, audience, issuer and lifetime; the caller checks revocation."""
+        if len(token) > MAX_API_KEY_BYTES:
+            raise ApiKeyError("API key is invalid")
         try:
             claims = jwt.decode(
                 token,
