@@ -468,3 +468,14 @@ async def test_concurrent_posts_on_one_session(data_dir: Path) -> None:
             *(mcp.post(call(index, "sleep", {"seconds": 0.1}), session_id) for index in range(10))
         )
         assert [r.status_code for r in responses] == [200] * 10
+
+
+async def test_idle_stream_gets_keepalive_comments(data_dir: Path) -> None:
+    async with mcp_service(data_dir, sse_keepalive_seconds=0.2) as (service, mcp):
+        session_id = await mcp.initialize()
+        async with mcp.stream("GET", session_id, Accept="text/event-stream") as stream:
+            reader = SseReader(stream)
+            await reader.next_event()
+            comment = await reader.next_event(timeout=5, skip_comments=False)
+            assert comment.comments == ["keep-alive"]
+            assert comment.id is None and comment.data == ""
