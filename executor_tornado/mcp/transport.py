@@ -410,7 +410,8 @@ class McpTransport:
         pending = await live.submit(message, _with_session(caller, record.id, negotiated), negotiated)
         assert pending is not None
         await self._respond(live, pending, responder, {SESSION_ID_HEADER: record.id})
-        if pending.response_json is not None and '"error"' in pending.response_json[:200]:
+        if pending.response_json is not None and "error" in json.loads(pending.response_json):
+            # The handshake failed, so no session was established.
             await self._close(live, "initialize failed")
 
     async def _respond(
