@@ -3,7 +3,7 @@
 ``approvals approve`` and ``approvals deny`` record the decision and then
 resume the paused run in this process (a sandbox pool is started for it),
 so a task completes even when no client is waiting. A service process that
-holds the client's call open sees the outcome in the store.
+keeps the client's call open reads the outcome from the store.
 
 Example::
 

@@ -129,7 +129,7 @@ def approval_message(approval: Approval) -> str:
 
 
 def render_task(task: Task) -> types.CallToolResult:
-    """The tool result of a task: a one-line summary and the task as structured content."""
+    """Build the tool result of a task: a one-line summary and the task as structured content."""
     structured: dict[str, Any] = {
         "taskId": task.id,
         "status": task.status,
@@ -284,7 +284,7 @@ class Execution:
         return render_task(task)
 
     async def _answer_input(self, ctx: Any, params: dict[str, Any]) -> Any:
-        """Apply a 2026-07-28 client's answer to an approval and continue the task."""
+        """Apply a 2026-07-28 client's response to an approval request and continue the task."""
         caller = ctx.request
         approval = await self.store.get_approval(str(params["requestState"]))
         if approval is None or approval.principal != caller.principal or approval.workspace_id != caller.workspace_id:
@@ -296,7 +296,7 @@ class Execution:
             try:
                 await self.tasks.decide(approval.id, approve, decided_by=caller.principal, reason=reason)
             except ApprovalConflictError:
-                log.info("Approval %s was decided elsewhere before the client's answer", approval.id)
+                log.info("Approval %s was decided elsewhere before the client's response", approval.id)
         task = await self.tasks.resume_task(
             approval.task_id, workspace_id=caller.workspace_id, progress=self._progress_reporter(ctx)
         )

@@ -179,7 +179,7 @@ def _check_times(claims: dict[str, Any], now: float, leeway: float = 0.0) -> Non
 
 
 class ApiKeyError(Exception):
-    """An API key is invalid, expired or revoked (the message says which)."""
+    """An API key is invalid, expired or revoked; the message names which."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ class ApiKeys:
 
 @dataclass
 class KeyMaterial:
-    """What :func:`load_key_material` found or generated; ``None`` means not configured."""
+    """Key material that :func:`load_key_material` found or generated; ``None`` means not configured."""
 
     signer: AnonymousSigner | None
     api_keys: ApiKeys | None

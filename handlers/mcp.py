@@ -131,7 +131,7 @@ class McpHandler(BaseHandler):
             return None
 
     def _challenge(self, *, error: bool) -> str:
-        """The RFC 9728 challenge naming the path-inserted metadata URL of the called resource."""
+        """Build the RFC 9728 challenge naming the path-inserted metadata URL of the called resource."""
         query = f"?{self.request.query}" if self.request.query else ""
         url = f"{self.service.settings.base_url}{RESOURCE_METADATA_PATH}{self.request.path}{query}"
         challenge = f'Bearer resource_metadata="{url}"'

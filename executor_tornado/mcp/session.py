@@ -10,8 +10,8 @@ over two anyio memory streams and routes what the kernel writes:
 Every message sent on an SSE stream is first appended to the session's event
 log in the store, and its store sequence number is the SSE event id, so a
 client can resume any stream with ``Last-Event-ID``. The session record (state,
-principal, timestamps) lives in the store; this object holds only what cannot
-be stored: the kernel task and the open HTTP streams.
+principal, timestamps) lives in the store. This object keeps only what
+cannot be stored: the kernel task and the open HTTP streams.
 
 Example::
 
@@ -63,7 +63,7 @@ REQUEST_CANCELLED = -32800
 
 @dataclass
 class SessionRuntime:
-    """What every live session shares: the kernel, the store and the limits."""
+    """The parts every live session shares: the kernel, the store and the limits."""
 
     server: Server[Any]
     lifespan_state: Any

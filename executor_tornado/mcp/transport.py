@@ -1,7 +1,7 @@
 """The MCP Streamable HTTP transport: session rules, both protocol eras.
 
-:class:`McpTransport` receives an authenticated request from the MCP handler
-(the caller's identity is already checked) and applies the transport rules:
+:class:`McpTransport` receives a request whose caller the MCP handler has
+already authenticated. It applies the transport rules:
 session lookup, DNS-rebinding checks, content negotiation, the session state
 machine of :mod:`executor_tornado.mcp.state`, and the choice between a JSON
 and an SSE response. Requests whose ``MCP-Protocol-Version`` names the
@@ -94,7 +94,7 @@ class McpCaller:
 
 @dataclass
 class McpHttpRequest:
-    """What the transport needs of one HTTP request."""
+    """The parts of one HTTP request that the transport reads."""
 
     method: str
     headers: Mapping[str, str]
@@ -205,7 +205,7 @@ class McpTransport:
     # -- entry -----------------------------------------------------------------
 
     async def handle(self, request: McpHttpRequest, responder: Responder) -> None:
-        """Answer one MCP request; the caller has passed rate limits and authentication."""
+        """Respond to one MCP request whose caller passed rate limits and authentication."""
         session_id = request.headers.get(SESSION_ID_HEADER)
         live = None
         if session_id is not None:
@@ -254,7 +254,7 @@ class McpTransport:
                 await live.close()
             return None
         if record.principal != caller.principal or record.workspace_id != caller.workspace_id:
-            log.warning("MCP session %s presented by another principal; answering 404", session_id[:12])
+            log.warning("MCP session %s presented by another principal; responding 404", session_id[:12])
             return None
         live = self.live.get(session_id)
         if live is None:
