@@ -59,7 +59,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import ValidationError
 
 from executor_tornado.mcp.session import LiveSession, PendingRequest, SessionRuntime, message_json, parse_event_id
-from executor_tornado.mcp.sse import SSE_HEADERS, Responder, SseStream, event_frame
+from executor_tornado.mcp.sse import SSE_HEADERS, Responder, SseStream, event_frame, retry_frame
 from executor_tornado.mcp.state import Rejected, SessionEvent, SessionState, next_state
 from store.base import DuplicateError
 from store.records import McpSessionRecord
@@ -151,6 +151,23 @@ class McpTransport:
         sessions = list(self.live.values())
         self.live.clear()
         await asyncio.gather(*(live.close(retry_hint=True) for live in sessions), return_exceptions=True)
+
+    def end_get_streams(self) -> None:
+        """Refuse new sessions and end every GET stream with a retry hint.
+
+        The first step of a graceful shutdown: clients reconnect their GET
+        streams elsewhere while POST requests in flight run to completion.
+        """
+        self._stopping = True
+        final = retry_frame(self._runtime.sse_retry_ms)
+        for live in self.live.values():
+            if live.get_stream is not None:
+                live.get_stream.close(final)
+
+    @property
+    def in_flight_count(self) -> int:
+        """Requests that a kernel of this process has not answered yet."""
+        return sum(len(live.pending) for live in self.live.values())
 
     @property
     def open_stream_count(self) -> int:
