@@ -13,6 +13,7 @@ from typing import Any
 
 import tornado.web
 
+from executor_tornado.logs import new_request_id, request_id_var, valid_request_id
 from executor_tornado.ratelimit import client_ip, retry_after_header
 
 log = logging.getLogger("executor_tornado.http")
@@ -21,13 +22,35 @@ log = logging.getLogger("executor_tornado.http")
 class BaseHandler(tornado.web.RequestHandler):
     """Adds JSON bodies, ``{"error": ...}`` errors and the rate-limit check."""
 
+    request_id: str = "-"
+
     @property
     def service(self) -> Any:
         return self.settings["service"]
 
+    async def _execute(self, transforms: Any, *args: bytes, **kwargs: bytes) -> None:
+        """Run the request with its id in the logging context and counted as in progress.
+
+        Tornado runs ``_execute`` (prepare, the verb method, finish) as one
+        task per request, so the context variable set here reaches every line
+        the request logs and no other request's lines. The service's graceful
+        shutdown waits for the count to reach zero.
+        """
+        supplied = self.request.headers.get("X-Request-Id")
+        self.request_id = supplied if valid_request_id(supplied) else new_request_id()
+        self.set_header("X-Request-Id", self.request_id)
+        request_id_var.set(self.request_id)
+        self.service.request_started()
+        try:
+            await super()._execute(transforms, *args, **kwargs)
+        finally:
+            self.service.request_ended()
+
     def set_default_headers(self) -> None:
         self.set_header("Server", "executor-tornado")
         self.clear_header("Content-Type")
+        if self.request_id != "-":
+            self.set_header("X-Request-Id", self.request_id)
 
     def check_xsrf_cookie(self) -> None:
         """API routes take no cookies, so there is nothing for XSRF to protect."""
