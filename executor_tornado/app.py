@@ -14,10 +14,12 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from typing import Any
 
 import tornado.httpserver
@@ -43,6 +45,7 @@ access_log = logging.getLogger("executor_tornado.access")
 
 SERVER_NAME = "executor-tornado"
 BODY_TIMEOUT_SECONDS = 30.0
+DRAIN_POLL_SECONDS = 0.05
 
 
 def make_routes() -> list[Any]:
@@ -80,6 +83,7 @@ class Service:
         self._exit_stack = contextlib.AsyncExitStack()
         self._started = False
         self.extensions: dict[str, Any] = {}
+        self.requests_in_progress = 0
 
     @property
     def base_url(self) -> str:
@@ -170,10 +174,22 @@ class Service:
         self.transport = McpTransport(runtime, settings, self.registry)
         await self.transport.start()
 
-    async def stop(self) -> None:
-        """Stop accepting, end streams with a retry hint, then close the store."""
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Shut down gracefully, then close the sandbox pool and the store.
+
+        The steps: close the listening sockets; end GET streams with a
+        ``retry:`` hint so clients reconnect (to another process behind the
+        proxy, or to this one after a restart); wait up to ``grace_seconds``
+        (default ``settings.shutdown_grace_seconds``) for requests in
+        progress and tool calls in flight to finish; then end what is left,
+        again with a retry hint. Session records stay open in the store.
+        """
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         if self.http_server is not None:
             self.http_server.stop()
+        if self.transport is not None:
+            self.transport.end_get_streams()
+        await self._wait_for_requests(grace)
         if self.transport is not None:
             await self.transport.shutdown()
         for closer in reversed(self.extensions.get("closers", [])):
@@ -182,6 +198,29 @@ class Service:
             await self.http_server.close_all_connections()
         await self._exit_stack.aclose()
         self._started = False
+
+    def request_started(self) -> None:
+        self.requests_in_progress += 1
+
+    def request_ended(self) -> None:
+        self.requests_in_progress -= 1
+
+    async def _wait_for_requests(self, grace_seconds: float) -> None:
+        """Wait until no request is in progress and no tool call in flight, for at most ``grace_seconds``."""
+        deadline = time.monotonic() + grace_seconds
+        while True:
+            in_flight = self.transport.in_flight_count if self.transport is not None else 0
+            if self.requests_in_progress <= 0 and in_flight == 0:
+                return
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "Shutdown grace period of %.1f s ended with %d requests in progress and %d tool calls in flight",
+                    grace_seconds,
+                    self.requests_in_progress,
+                    in_flight,
+                )
+                return
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
 
     # -- access log ------------------------------------------------------------------------
 
@@ -198,7 +237,13 @@ class Service:
             route,
             status,
             seconds * 1000.0,
-            extra={"route": route, "status": status, "duration_ms": round(seconds * 1000.0, 2)},
+            extra={
+                "request_id": getattr(handler, "request_id", "-"),
+                "method": handler.request.method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000.0, 2),
+            },
         )
 
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from executor_tornado import cli_admin, cli_tasks
 from executor_tornado.settings import Settings
+from store import StoreError
 
 __all__ = ["main"]
 
@@ -40,23 +42,45 @@ def _load_settings(**overrides: object) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
-    from executor_tornado.app import Service
+    """Serve until SIGTERM or SIGINT, telling systemd about each state change.
 
+    ``READY=1`` is sent once the port is bound and the store answered a
+    ping, ``STOPPING=1`` when the signal arrives; watchdog pings run from
+    ready until the shutdown has finished.
+    """
+    from executor_tornado.app import Service
+    from executor_tornado.notify import Notifier
+
+    notifier = Notifier.from_environment()
     service = Service(settings)
     await service.start()
+    await service.store.ping()
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info(
-        "executor-tornado listening on %s (store %s, OAuth %s)",
+        "executor-tornado listening on http://%s:%d (public URL %s, store %s, OAuth %s)",
+        host,
+        service.port,
         service.base_url,
         settings.masked()["store_url"],
         "configured" if settings.issuer_url else "not configured",
     )
+    notifier.notify("READY=1", f"STATUS=Serving on {service.base_url}", f"MAINPID={os.getpid()}")
+    notifier.start_watchdog()
+
     await stop.wait()
-    log.info("Shutting down")
-    await service.stop()
+    grace = settings.shutdown_grace_seconds
+    log.info("Shutting down: waiting up to %.1f s for requests in progress", grace)
+    notifier.notify("STOPPING=1", f"STATUS=Draining requests for up to {grace:g} s")
+    try:
+        await service.stop(grace)
+    finally:
+        await notifier.stop_watchdog()
+    log.info("Stopped")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -66,6 +90,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(_serve(settings))
+    except StoreError as exc:
+        raise CommandError(f"Cannot open the store {settings.masked()['store_url']}: {exc}") from None
     except OSError as exc:
         raise CommandError(f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     return 0
