@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -230,8 +231,13 @@ def _write_transaction(connection: sqlite3.Connection) -> Iterator[None]:
     """Run the block in a ``BEGIN IMMEDIATE`` transaction and commit it.
 
     ``IMMEDIATE`` takes the database's write lock before the first read, so
-    a read-then-write block cannot interleave with another process's.
+    a read-then-write block cannot interleave with another process's. Inside
+    a group commit the batch's transaction already holds that lock, and the
+    operation's savepoint undoes the block if it raises.
     """
+    if connection.in_transaction:
+        yield
+        return
     connection.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -292,6 +298,28 @@ def count_events_to_drop(
     return len(events_newest_first) - kept
 
 
+# Operations one group commit runs at most, which bounds the wait of the last one.
+MAX_GROUP_COMMIT = 64
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    operation: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle(future: asyncio.Future[Any], succeeded: bool, value: Any) -> None:
+    """Set a job's result or exception on its event loop, unless the caller stopped waiting."""
+    if future.cancelled():
+        return
+    if succeeded:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
 class SQLiteStore(Store):
     """A :class:`~store.base.Store` kept in one SQLite database file at ``path``.
 
@@ -305,17 +333,100 @@ class SQLiteStore(Store):
         self._path = path
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
+        # Operations waiting for the store's thread, and whether a drain job is queued.
+        self._queue: list[_Job] = []
+        self._queue_lock = threading.Lock()
+        self._drain_queued = False
 
     # -- plumbing ------------------------------------------------------------
 
     async def _run(self, operation: Callable[..., T], *args: Any) -> T:
-        """Run ``operation(connection, *args)`` on the store's thread."""
+        """Run ``operation(connection, *args)`` on the store's thread and return its result.
+
+        Operations queue up while the thread is busy, and the thread runs
+        everything queued as one group commit (see :meth:`_drain`). The
+        result is set only after the commit, so a write is on disk when
+        the awaited call returns, as with one transaction per operation.
+        """
         if self._executor is None or self._connection is None:
             raise StoreError(f"SQLite store {self._path} is not open: call open() first")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._queue_lock:
+            self._queue.append(_Job(operation, args, future, loop))
+            submit = not self._drain_queued
+            self._drain_queued = True
         # The thread runs jobs in order, so an operation queued before close()
         # still runs on the connection before close() closes it.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, self._connection, operation, args)
+        if submit:
+            self._executor.submit(self._drain, self._connection)
+        return await future
+
+    def _drain(self, connection: sqlite3.Connection) -> None:
+        """Run queued operations on the store's thread until the queue is empty.
+
+        One operation runs alone, with its own transactions. Several run in
+        one ``BEGIN IMMEDIATE`` transaction, each inside a savepoint so a
+        failing operation undoes only its own writes, and one ``COMMIT``
+        (one WAL sync under ``synchronous=FULL``) covers them all.
+        """
+        while True:
+            with self._queue_lock:
+                batch = self._queue[:MAX_GROUP_COMMIT]
+                del self._queue[:MAX_GROUP_COMMIT]
+                if not batch:
+                    self._drain_queued = False
+                    return
+            try:
+                if len(batch) == 1:
+                    outcomes = [self._outcome(connection, batch[0])]
+                else:
+                    outcomes = self._group_commit(connection, batch)
+            except sqlite3.Error as error:  # a failed SAVEPOINT, RELEASE or ROLLBACK
+                log.error("SQLite group commit of %d operations failed on %s: %s", len(batch), self._path, error)
+                with contextlib.suppress(sqlite3.Error):
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                failure = StoreError(f"SQLite group commit failed on {self._path}: {error}")
+                outcomes = [(False, failure)] * len(batch)
+            for job, (succeeded, value) in zip(batch, outcomes):
+                job.loop.call_soon_threadsafe(_settle, job.future, succeeded, value)
+
+    def _outcome(self, connection: sqlite3.Connection, job: _Job) -> tuple[bool, Any]:
+        try:
+            return True, self._call(connection, job.operation, job.args)
+        except Exception as error:  # delivered to the awaiting caller, which re-raises it
+            return False, error
+
+    def _group_commit(self, connection: sqlite3.Connection, batch: list[_Job]) -> list[tuple[bool, Any]]:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            failure = StoreError(f"SQLite group commit failed to begin on {self._path}: {error}")
+            return [(False, failure)] * len(batch)
+
+        outcomes: list[tuple[bool, Any]] = []
+        for job in batch:
+            connection.execute("SAVEPOINT store_operation")
+            succeeded, value = self._outcome(connection, job)
+            if not connection.in_transaction:
+                # Some errors (disk full, I/O) roll back the whole transaction,
+                # so the batch's earlier writes are gone too: fail them all.
+                failure = StoreError(f"SQLite group commit was rolled back on {self._path}: {value}")
+                return [(False, failure)] * len(batch)
+            if not succeeded:
+                connection.execute("ROLLBACK TO store_operation")
+            connection.execute("RELEASE store_operation")
+            outcomes.append((succeeded, value))
+
+        try:
+            connection.execute("COMMIT")
+        except sqlite3.Error as error:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            failure = StoreError(f"SQLite group commit failed on {self._path}: {error}")
+            return [(False, failure)] * len(batch)
+        return outcomes
 
     def _call(self, connection: sqlite3.Connection, operation: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
