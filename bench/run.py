@@ -31,6 +31,8 @@ BENCH_PYTHON = BENCH_DIR / ".venv" / "bin" / "python"
 FASTMCP_PYTHON = BENCH_DIR / ".venv-fastmcp" / "bin" / "python"
 HOST = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# A checkout to import executor-tornado from instead of this one (--ours-source), for before/after runs.
+OURS_SOURCE: list[str] = []
 
 # Per-client budgets raised so one load generator on one address is not
 # throttled; the limiter still runs and writes its buckets on every request.
@@ -120,7 +122,7 @@ def start_server(kind: str, mode: str, work_dir: Path) -> Iterator[Server]:
             "EXECUTOR_PORT": "{port}",
             "EXECUTOR_DATA_DIR": str(data_dir),
             "EXECUTOR_MCP_PLUGINS": "bench_plugin:register",
-            "PYTHONPATH": str(BENCH_DIR),
+            "PYTHONPATH": os.pathsep.join([*OURS_SOURCE, str(BENCH_DIR)]),
             # 0 commits every response to SSE at once; within the default 50 ms window a fast tool is sent as JSON.
             "EXECUTOR_JSON_RESPONSE_TIMEOUT_SECONDS": "0" if mode == "sse" else "0.05",
             **RAISED_LIMITS,
@@ -303,8 +305,12 @@ def main() -> None:
     parser.add_argument("--streams", default="1000,5000", help="open idle GET streams at which memory is read (default 1000,5000)")
     parser.add_argument("--sessions", default="1,16,64", help="concurrent sessions for tools/call (default 1,16,64)")
     parser.add_argument("--only", default="", help="comma-separated sections to run: calls,setup,streams,notify,micro,execute (default all)")
+    parser.add_argument("--servers", default="ours-sse,ours-json,sdk-sse,sdk-json,fastmcp-sse,fastmcp-json,tornado", help="servers for calls, setup, notify and execute (default all)")
+    parser.add_argument("--ours-source", type=Path, help="run executor-tornado from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "results.json", help="where to write the raw results")
     args = parser.parse_args()
+    if args.ours_source:
+        OURS_SOURCE.append(str(args.ours_source.resolve()))
     sections = set(args.only.split(",")) if args.only else {"calls", "setup", "streams", "notify", "micro", "execute"}
     session_counts = [int(value) for value in args.sessions.split(",")]
     steps = [int(value) for value in args.streams.split(",")]
@@ -316,7 +322,7 @@ def main() -> None:
         "command": " ".join(["bench/run.sh", *sys.argv[1:]]),
         "calls": {}, "setup": {}, "streams": {}, "notify": {}, "micro": {}, "execute": {},
     }
-    servers = [("ours", "sse"), ("ours", "json"), ("sdk", "sse"), ("sdk", "json"), ("fastmcp", "sse"), ("fastmcp", "json"), ("tornado", "")]
+    servers = [tuple(name.partition("-")[::2]) for name in args.servers.split(",")]
     work_dir = Path(tempfile.mkdtemp(prefix="executor-bench-"))
     try:
         for kind, mode in servers:
