@@ -94,6 +94,8 @@ class McpHandler(BaseHandler):
         try:
             return await authenticate_api_key(self.service.store, api_keys, key.strip(), workspace_id)
         except AuthFailure as failure:
+            if failure.status == 401:
+                self.service.log_auth_failure(self.request.path, failure.message)
             self._reject(failure.status, failure.message)
             return None
 
