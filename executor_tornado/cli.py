@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from executor_tornado import cli_admin, cli_tasks
+from executor_tornado import cli_admin, cli_keys, cli_tasks
 from executor_tornado.settings import Settings
 from store import StoreError
 
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective settings with secrets masked")
     config.set_defaults(func=_cmd_config)
     cli_admin.add_commands(commands)
+    cli_keys.add_commands(commands)
     cli_tasks.add_commands(commands)
     return parser
 
