@@ -70,6 +70,7 @@ class Service:
         self.clock: Clock = clock or SystemClock()
         self.store: Store = store or open_store(settings.resolved_store_url)
         self.metrics = Metrics()
+        self.metrics.instrument_store(self.store)
         self.registry = registry or McpRegistry()
         self.trusted_networks = parse_networks(settings.trusted_proxies)
         self.keys = KeyMaterial(signer=None, api_keys=None)
@@ -84,6 +85,7 @@ class Service:
         self._started = False
         self.extensions: dict[str, Any] = {}
         self.requests_in_progress = 0
+        self.draining = False
 
     @property
     def base_url(self) -> str:
@@ -154,6 +156,7 @@ class Service:
         self.execution = Execution(self.store, self.settings, self.clock)
         await self.execution.start()
         self._exit_stack.push_async_callback(self.execution.close)
+        self.execution.tasks.on_status = self.metrics.task_status
         self.execution.register(self.registry)
         load_plugins(self.registry, self.settings.mcp_plugins)
         server = self.registry.build_server(SERVER_NAME, __version__)
@@ -177,14 +180,18 @@ class Service:
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Shut down gracefully, then close the sandbox pool and the store.
 
-        The steps: close the listening sockets; end GET streams with a
-        ``retry:`` hint so clients reconnect (to another process behind the
-        proxy, or to this one after a restart); wait up to ``grace_seconds``
-        (default ``settings.shutdown_grace_seconds``) for requests in
-        progress and tool calls in flight to finish; then end what is left,
-        again with a retry hint. Session records stay open in the store.
+        1. Close the listening sockets and report not ready on ``/readyz``.
+        2. End GET streams with a ``retry:`` hint, so clients reconnect to
+           another process behind the proxy or to this one after a restart.
+        3. Wait up to ``grace_seconds`` (default
+           ``settings.shutdown_grace_seconds``) for requests in progress and
+           tool calls in flight.
+        4. End what is left, again with a retry hint.
+
+        Session records stay open in the store, so any process can restore them.
         """
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self.draining = True
         if self.http_server is not None:
             self.http_server.stop()
         if self.transport is not None:
@@ -201,9 +208,11 @@ class Service:
 
     def request_started(self) -> None:
         self.requests_in_progress += 1
+        self.metrics.requests_in_progress.inc()
 
     def request_ended(self) -> None:
         self.requests_in_progress -= 1
+        self.metrics.requests_in_progress.dec()
 
     async def _wait_for_requests(self, grace_seconds: float) -> None:
         """Wait until no request is in progress and no tool call in flight, for at most ``grace_seconds``."""

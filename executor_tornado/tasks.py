@@ -352,6 +352,12 @@ class TaskService:
         self.pool = pool
         self.catalog = catalog
         self.clock = clock or _SystemClock()
+        self.on_status: Callable[[str], None] | None = None
+        """Called with the new status each time a run finishes or pauses (for metrics)."""
+
+    def _report_status(self, status: str) -> None:
+        if self.on_status is not None:
+            self.on_status(status)
 
     # -- execute -------------------------------------------------------------------
 
@@ -619,6 +625,7 @@ class TaskService:
             fields["started_at"] = task.started_at = now
 
         await self.store.update_task(task.id, **fields)
+        self._report_status(fields["status"])
         tasks_log.info(
             "Task %s finished: %s after %d ms and %d tool calls",
             task.id,
@@ -661,6 +668,7 @@ class TaskService:
             error=None,
         )
         await self.store.insert_approval(approval)
+        self._report_status(TaskStatus.WAITING_APPROVAL)
         tasks_log.info(
             "Task %s is waiting for approval %s of tools.%s", task.id, approval.id, pending.spec.path
         )
@@ -674,6 +682,7 @@ class TaskService:
             message = f"The run stopped because of an internal error ({type(error).__name__})."
         cancelled = isinstance(error, asyncio.CancelledError)
         tasks_log.error("Task %s abandoned: %s", task.id, message, exc_info=not cancelled)
+        self._report_status(TaskStatus.FAILED)
         try:
             await self.store.update_task(
                 task.id, status=TaskStatus.FAILED, error=message, finished_at=self.clock.time(), snapshot=None
@@ -686,4 +695,5 @@ class TaskService:
             task.id, status=status, error=error, finished_at=self.clock.time(), snapshot=None
         )
         tasks_log.warning("Task %s ended %s without resuming: %s", task.id, status, error)
+        self._report_status(status)
         return await self._get_task(task.id, None)

@@ -16,9 +16,12 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """``GET /readyz``: the store answers."""
+    """``GET /readyz``: the store responds to a ping and the process is not shutting down."""
 
     async def get(self) -> None:
+        if self.service.draining:
+            self.send_error_json(503, "Shutting down: send new requests to another process")
+            return
         try:
             await self.service.store.ping()
         except StoreError as exc:
