@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test clean system-packages
 
 
 $(STAMP): setup.cfg pyproject.toml
@@ -27,6 +27,15 @@ run: $(STAMP)
 
 test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest
+
+# nginx and systemd-analyze for the operations tests (Debian or Ubuntu,
+# as root); does nothing when both are installed.
+system-packages:
+	@if [ -x /usr/sbin/nginx ] && command -v systemd-analyze >/dev/null; then \
+		echo "nginx and systemd-analyze are installed"; \
+	else \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx systemd; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -218,6 +218,9 @@ async def test_nginx_routes_session_to_one_process(tmp_path: Path) -> None:
             key = bootstrap["apiKey"]
             url = bootstrap["mcpUrl"]
             assert url.startswith(proxy_url)
+            async with httpx2.AsyncClient(timeout=30) as client:
+                ready = await client.get(proxy_url + "/readyz")
+                assert ready.status_code == 200, "loopback clients may read health through the proxy"
 
             async with httpx2.AsyncClient(timeout=30) as client:
                 sessions = [await open_session(client, url, key) for _ in range(4)]

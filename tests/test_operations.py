@@ -189,3 +189,33 @@ async def test_sigterm_drains_call_and_ends_stream(tmp_path: Path) -> None:
                 assert response.status_code == 200, response.text
     finally:
         notify.close()
+
+
+async def test_sigterm_ends_calls_past_grace_period(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    grace = 1.0
+    async with serve_process(data_dir, EXECUTOR_SHUTDOWN_GRACE_SECONDS=str(grace)) as server:
+        bootstrap = await anonymous_key(server.base_url)
+        url, key = bootstrap["mcpUrl"], bootstrap["apiKey"]
+        async with httpx2.AsyncClient(timeout=60) as client:
+            session_id = await open_session(client, url, key)
+            call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "sleep", "arguments": {"seconds": 60}}}
+            async with client.stream("POST", url, content=json.dumps(call), headers=mcp_headers(key, session_id)) as response:
+                assert response.headers["Content-Type"].startswith("text/event-stream")
+                reader = SseReader(response)
+                await reader.next_event()  # the priming event: the call is in flight
+
+                signalled_at = time.monotonic()
+                server.terminate()
+                tail = []
+                while (event := await reader.next_event(timeout=60.0)) is not None:
+                    tail.append(event)
+
+            assert tail, "the POST stream ended without a frame"
+            assert tail[-1].retry is not None, f"no retry hint at the end: {tail}"
+            assert not any(event.message and "result" in event.message for event in tail)
+            assert await server.wait(60.0) == 0
+            elapsed = time.monotonic() - signalled_at
+            assert elapsed < 30.0, f"exit took {elapsed:.1f} s with a grace period of {grace} s"
+            warnings = [e["message"] for e in server.log_entries() if e["level"] == "warning"]
+            assert any("grace period of 1.0 s ended with" in message for message in warnings), warnings
