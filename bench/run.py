@@ -262,13 +262,15 @@ def render(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append("### Session set-up, idle streams, notifications")
     lines.append("")
-    lines.append("| server | set-ups/s (16 workers) | ours/peer | KiB per idle stream | notification p50 / p99 ms |")
+    lines.append("| server | set-ups/s (16 workers) | ours/peer | KiB RSS per idle session + GET stream | notification to GET stream, p50 / p99 ms |")
     lines.append("| --- | ---: | ---: | --- | --- |")
-    ours_setup = results["setup"].get("ours-sse", {}).get("per_second")
     for key, figure in results["setup"].items():
-        memory = results["streams"].get(key.split("-")[0], {}).get("kib_per_stream", {})
+        ours_setup = results["setup"].get(f"ours-{key.partition('-')[2]}", {}).get("per_second")
+        # Streams and notifications are measured once per server, in SSE mode.
+        measured_here = key.endswith("-sse")
+        memory = results["streams"].get(key.split("-")[0], {}).get("kib_per_stream", {}) if measured_here else {}
         memory_text = ", ".join(f"{fmt(value, 1)} at {count}" for count, value in memory.items()) or "–"
-        notify = results["notify"].get(key.split("-")[0])
+        notify = results["notify"].get(key.split("-")[0]) if measured_here else None
         notify_text = f"{notify['p50_ms']:.2f} / {notify['p99_ms']:.2f}" if notify else "–"
         lines.append(
             f"| {key} | {fmt(figure['per_second'])} | {ratio(ours_setup, figure['per_second']) if not key.startswith('ours') else ''} | {memory_text} | {notify_text} |"
@@ -308,7 +310,13 @@ def main() -> None:
     parser.add_argument("--servers", default="ours-sse,ours-json,sdk-sse,sdk-json,fastmcp-sse,fastmcp-json,tornado", help="servers for calls, setup, notify and execute (default all)")
     parser.add_argument("--ours-source", type=Path, help="run executor-tornado from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "results.json", help="where to write the raw results")
+    parser.add_argument("--render", type=Path, help="print the table of a saved results file and exit, running nothing")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        print(f"Date: {saved['date']}\nMachine: {saved['machine']}\nCommand: {saved['command']}\nElapsed: {saved['elapsed_seconds']} s\n")
+        print(render(saved))
+        return
     if args.ours_source:
         OURS_SOURCE.append(str(args.ours_source.resolve()))
     sections = set(args.only.split(",")) if args.only else {"calls", "setup", "streams", "notify", "micro", "execute"}
