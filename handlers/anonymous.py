@@ -8,14 +8,14 @@ import jwt
 
 from executor_tornado.identity import AuthFailure, bootstrap_anonymous_session, issue_anonymous_identity
 from executor_tornado.ratelimit import retry_after_header
-from handlers.base import BaseHandler
+from handlers.base import BoundedBodyHandler
 
 TOKEN_PATH = "/auth/anonymous/token"
 SESSION_PATH = "/auth/anonymous/session"
 MAX_SESSION_ID_CHARS = 200
 
 
-class AnonymousTokenHandler(BaseHandler):
+class AnonymousTokenHandler(BoundedBodyHandler):
     """``POST /auth/anonymous/token`` (``GET`` too, for old clients)."""
 
     async def post(self) -> None:
@@ -31,7 +31,7 @@ class AnonymousTokenHandler(BaseHandler):
     get = post
 
 
-class AnonymousSessionHandler(BaseHandler):
+class AnonymousSessionHandler(BoundedBodyHandler):
     """``POST /auth/anonymous/session``: anonymous token in, API key and MCP URL out."""
 
     async def post(self) -> None:
@@ -75,10 +75,10 @@ class AnonymousSessionHandler(BaseHandler):
 
     def _requested_session_id(self) -> str | None | bool:
         """Return the optional ``sessionId`` of the JSON body; send 400 and return ``False`` on a bad body."""
-        if not self.request.body.strip():
+        if not self.body.strip():
             return None
         try:
-            body = json.loads(self.request.body)
+            body = json.loads(self.body)
         except ValueError:
             self.send_error_json(400, "Invalid JSON body: send {} or {\"sessionId\": \"...\"}")
             return False

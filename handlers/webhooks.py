@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from executor_tornado.webhooks import InvalidWebhook, Outcome, WebhookProcessor, WorkOSVerifier, verify_stripe_event
-from handlers.base import BaseHandler
+from handlers.base import BoundedBodyHandler
 
 log = logging.getLogger("executor_tornado.webhooks")
 
@@ -49,7 +49,7 @@ def workos_verifier(service) -> WorkOSVerifier | None:
     return verifier
 
 
-class WebhookHandler(BaseHandler):
+class WebhookHandler(BoundedBodyHandler):
     """Shared steps of the webhook routes. Subclasses verify the delivery and pick the processor method."""
 
     provider = ""
@@ -92,7 +92,7 @@ class StripeWebhookHandler(WebhookHandler):
 
         try:
             event = verify_stripe_event(
-                self.request.body, self.request.headers.get("Stripe-Signature"), settings.stripe_webhook_secret
+                self.body, self.request.headers.get("Stripe-Signature"), settings.stripe_webhook_secret
             )
         except InvalidWebhook as failure:
             self._reject(STRIPE_PATH, failure)
@@ -125,7 +125,7 @@ class WorkOSWebhookHandler(WebhookHandler):
             return
 
         try:
-            event = verifier.verify(self.request.body, self.request.headers.get("WorkOS-Signature"))
+            event = verifier.verify(self.body, self.request.headers.get("WorkOS-Signature"))
         except InvalidWebhook as failure:
             self._reject(WORKOS_PATH, failure)
             return
