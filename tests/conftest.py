@@ -27,7 +27,7 @@ if str(TESTS_DIR) not in sys.path:
 
 # Settings read the environment; keep the developer's own variables out of tests.
 for _name in list(os.environ):
-    if _name.startswith(("EXECUTOR_", "MCP_", "ANONYMOUS_AUTH_", "WORKOS_", "STRIPE_")) and _name != "EXECUTOR_TEST_MONGODB_URI":
+    if _name.startswith(("EXECUTOR_", "MCP_", "ANONYMOUS_AUTH_", "WORKOS_", "STRIPE_")) and _name not in ("EXECUTOR_TEST_MONGODB_URI", "EXECUTOR_SOAK"):
         del os.environ[_name]
 
 

@@ -1,0 +1,180 @@
+"""Resource exhaustion: oversized and slow uploads, session floods, streams that never read.
+
+Every test runs against a real service on a loopback port, checks that the
+abuse is answered or cut off, that resident memory stays within a generous
+bound, and that the service still answers afterwards. Set EXECUTOR_SOAK=1
+for the larger counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+
+import executor_tornado.app
+from conftest import MCP_HEADERS, anonymous_key, fetch, initialize_body, json_body, running
+from test_sse_resources import open_session, raw_request, resident_bytes
+from test_webhooks import WEBHOOK_SETTINGS
+
+SOAK = os.environ.get("EXECUTOR_SOAK") == "1"
+SESSION_FLOOD = 10000 if SOAK else 2000
+STREAM_FLOOD = 4000 if SOAK else 1000
+PLUGIN = ["transport_plugin:register"]
+# The OAuth MCP paths share the handler of the API key paths. They check
+# the token before the body, so without an authorization server they are
+# 503 before any size check.
+BODY_ROUTES = [
+    "/v1/mcp/anonymous", "/mcp/anonymous", "/auth/anonymous/session",
+    "/auth/anonymous/token", "/stripe/webhook", "/workos/webhook",
+]
+
+
+@pytest.mark.parametrize("size", [300 * 1024, 3 * 1024 * 1024])
+async def test_oversized_body_is_413(data_dir: Path, size: int) -> None:
+    async with running(data_dir, max_body_bytes=256 * 1024, **WEBHOOK_SETTINGS) as service:
+        bootstrap = await anonymous_key(service)
+        before = await service.store.count_open_mcp_sessions()
+        body = json.dumps({**initialize_body(), "pad": "x" * size}).encode()
+        for route in BODY_ROUTES:
+            response = await fetch(
+                service, f"{route}?workspaceId={bootstrap['workspaceId']}", method="POST", body=body,
+                headers={**MCP_HEADERS, "X-API-Key": bootstrap["apiKey"], "Authorization": f"Bearer {bootstrap['accessToken']}"},
+            )
+            assert response.code == 413, (route, response.code, response.body[:200])
+            assert "too large" in json_body(response)["error"], route
+        assert await service.store.count_open_mcp_sessions() == before
+        assert (await fetch(service, "/healthz")).code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/mcp/anonymous", "/auth/anonymous/session", "/stripe/webhook"])
+async def test_slow_upload_hits_body_timeout(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    monkeypatch.setattr(executor_tornado.app, "BODY_TIMEOUT_SECONDS", 1.0)
+    async with running(data_dir, **WEBHOOK_SETTINGS) as service:
+        bootstrap = await anonymous_key(service)
+        target = f"{route}?workspaceId={bootstrap['workspaceId']}"
+        headers = {**MCP_HEADERS, "X-API-Key": bootstrap["apiKey"]}
+        started = time.monotonic()
+        reader, writer = await raw_request(service.port, "POST", target, {**headers, "Content-Length": "100000"}, b"{")
+        received = b""
+        try:
+            for _ in range(20):
+                await asyncio.sleep(0.5)
+                writer.write(b" ")  # a trickle well below what the timeout needs
+                await writer.drain()
+                chunk = await asyncio.wait_for(reader.read(4096), 0.1) if reader.at_eof() else b""
+                received += chunk
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        try:
+            received += await asyncio.wait_for(reader.read(), 15)
+        except ConnectionError:
+            pass
+        writer.close()
+        elapsed = time.monotonic() - started
+        assert elapsed < 20, "the server kept a trickling upload open past its body timeout"
+        if received:
+            status = int(received.split(b" ", 2)[1])
+            assert 400 <= status < 500, received[:200]
+        assert (await fetch(service, "/healthz")).code == 200
+
+
+async def test_session_flood_from_one_principal_is_capped(data_dir: Path) -> None:
+    async with running(data_dir, rate_limit_enabled=False) as service:
+        flooder = await anonymous_key(service, user_agent="flooder")
+        cap = service.settings.max_sessions_per_principal
+        headers = {**MCP_HEADERS, "X-API-Key": flooder["apiKey"]}
+        gc.collect()
+        before = resident_bytes()
+        statuses: dict[int, int] = {}
+        retry_after: set[str] = set()
+
+        async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=50)) as client:
+            async def one() -> None:
+                response = await client.post(flooder["mcpUrl"], json=initialize_body(), headers=headers)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if response.status_code == 503:
+                    retry_after.add(response.headers.get("Retry-After", ""))
+
+            for start in range(0, SESSION_FLOOD, 100):
+                await asyncio.gather(*(one() for _ in range(min(100, SESSION_FLOOD - start))))
+
+            assert statuses.get(200) == cap, statuses
+            assert statuses.get(503) == SESSION_FLOOD - cap, statuses
+            assert all(value.isdigit() and int(value) >= 1 for value in retry_after)
+            assert await service.store.count_open_mcp_sessions() == cap
+
+            bystander = await anonymous_key(service, user_agent="bystander")
+            response = await client.post(
+                bystander["mcpUrl"], json=initialize_body(), headers={**MCP_HEADERS, "X-API-Key": bystander["apiKey"]}
+            )
+            assert response.status_code == 200, "another principal still gets a session"
+
+        gc.collect()
+        growth = resident_bytes() - before
+        assert growth < 150 * 1024 * 1024, f"resident memory grew by {growth} bytes"
+
+
+async def test_never_read_streams_stay_bounded(data_dir: Path) -> None:
+    async with running(
+        data_dir, mcp_plugins=PLUGIN, rate_limit_enabled=False, max_sessions_per_principal=STREAM_FLOOD + 10,
+        sse_buffer_bytes=64 * 1024,
+    ) as service:
+        bootstrap = await anonymous_key(service)
+        path = bootstrap["mcpUrl"].removeprefix(service.base_url)
+        async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=50)) as client:
+            sessions: list[str] = []
+            for start in range(0, STREAM_FLOOD, 100):
+                sessions += await asyncio.gather(*(open_session(client, bootstrap) for _ in range(100)))
+
+        gc.collect()
+        before = resident_bytes()
+        writers = []
+        for start in range(0, len(sessions), 100):
+            batch = sessions[start:start + 100]
+            opened = await asyncio.gather(*(
+                raw_request(
+                    service.port, "GET", path,
+                    {"X-API-Key": bootstrap["apiKey"], "Mcp-Session-Id": session_id, "Accept": "text/event-stream"},
+                    rcvbuf=4096,
+                )
+                for session_id in batch
+            ))
+            writers += [writer for _, writer in opened]
+        for _ in range(500):
+            if service.transport.open_stream_count >= len(sessions):
+                break
+            await asyncio.sleep(0.02)
+        assert service.transport.open_stream_count == len(sessions)
+
+        headers = {"X-API-Key": bootstrap["apiKey"], **MCP_HEADERS}
+        flood = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "announce", "arguments": {}}}
+        async with httpx2.AsyncClient(timeout=60) as client:
+            for session_id in sessions[:100]:
+                for _ in range(5):
+                    response = await client.post(
+                        bootstrap["mcpUrl"], json=flood, headers={**headers, "Mcp-Session-Id": session_id}
+                    )
+                    assert response.status_code == 200
+        health = await fetch(service, "/healthz")
+        assert health.code == 200, "the service answers while every stream is stalled"
+        gc.collect()
+        growth = resident_bytes() - before
+        assert growth < 200 * 1024 * 1024, f"resident memory grew by {growth} bytes for {len(sessions)} streams"
+
+        for writer in writers:
+            writer.transport.abort()
+        for _ in range(500):
+            if service.transport.open_stream_count == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert service.transport.open_stream_count == 0, "dropped streams were released"
