@@ -54,7 +54,11 @@ async def _serve(settings: Settings) -> None:
     notifier = Notifier.from_environment()
     service = Service(settings)
     await service.start()
-    await service.store.ping()
+    try:
+        await service.store.ping()
+    except StoreError:
+        await service.stop(0)
+        raise
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,7 +59,7 @@ async def test_rate_bucket_shared_between_processes(tmp_path: Path) -> None:
             assert other_agent.status_code == 200, "another client's bucket is untouched"
 
 
-async def test_session_deleted_in_one_process_is_404_in_other(tmp_path: Path) -> None:
+async def test_session_deleted_elsewhere_is_404(tmp_path: Path) -> None:
     async with two_processes(tmp_path) as (first, second):
         bootstrap = await anonymous_key(first.base_url)
         key = bootstrap["apiKey"]
@@ -73,13 +74,13 @@ async def test_session_deleted_in_one_process_is_404_in_other(tmp_path: Path) ->
             deleted = await client.delete(first.base_url + path, headers=mcp_headers(key, session_id))
             assert deleted.status_code == 204, deleted.text
 
-            gone = await client.post(second.base_url + path, content=json.dumps(ping), headers=mcp_headers(key, session_id))
-            assert gone.status_code == 404
-            assert gone.json()["error"]["message"].startswith("Session not found"), gone.text
+            after_delete = await client.post(second.base_url + path, content=json.dumps(ping), headers=mcp_headers(key, session_id))
+            assert after_delete.status_code == 404
+            assert after_delete.json()["error"]["message"].startswith("Session not found"), after_delete.text
 
             stream_headers = {**mcp_headers(key, session_id), "Accept": "text/event-stream"}
-            gone_stream = await client.get(second.base_url + path, headers=stream_headers)
-            assert gone_stream.status_code == 404
+            stream_after_delete = await client.get(second.base_url + path, headers=stream_headers)
+            assert stream_after_delete.status_code == 404
 
 
 async def test_api_key_revoked_in_store_rejected_by_both(tmp_path: Path) -> None:
@@ -111,8 +112,6 @@ async def test_api_key_revoked_in_store_rejected_by_both(tmp_path: Path) -> None
 
 
 def cli_command() -> list[str]:
-    import sys
-
     return [sys.executable, "-m", "executor_tornado.cli"]
 
 
@@ -132,7 +131,9 @@ async def nginx_in_front(tmp_path: Path, upstream_ports: list[int], port: int) -
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     sample = NGINX_SAMPLE.read_text()
-    assert "server 127.0.0.1:8081" in sample and "server 127.0.0.1:8082" in sample and "listen 80;" in sample
+    assert "server 127.0.0.1:8081" in sample
+    assert "server 127.0.0.1:8082" in sample
+    assert "listen 80;" in sample
     site = sample.replace("127.0.0.1:8081", f"127.0.0.1:{upstream_ports[0]}")
     site = site.replace("127.0.0.1:8082", f"127.0.0.1:{upstream_ports[1]}")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx2
+import pytest
 
 from conftest import anonymous_key
 from service_process import SHARED_ISSUER, mcp_headers, open_session, serve_process
@@ -43,6 +44,14 @@ class NotifySocket:
                 continue
             self.messages.append(data.decode())
         return self.messages
+
+    def read_pending(self) -> list[str]:
+        """Collect the datagrams already queued on the socket, without waiting."""
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
 
     def count(self, assignment: str) -> int:
         return sum(1 for message in self.messages if assignment in message.splitlines())
@@ -219,3 +228,29 @@ async def test_sigterm_ends_calls_past_grace_period(tmp_path: Path) -> None:
             assert elapsed < 30.0, f"exit took {elapsed:.1f} s with a grace period of {grace} s"
             warnings = [e["message"] for e in server.log_entries() if e["level"] == "warning"]
             assert any("grace period of 1.0 s ended with" in message for message in warnings), warnings
+
+
+async def test_serve_port_in_use_fails_cleanly(tmp_path: Path) -> None:
+    from service_process import ServiceProcess, service_env
+
+    data_dir = tmp_path / "data"
+    notify = NotifySocket()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServiceProcess(
+            data_dir,
+            service_env(data_dir, EXECUTOR_PORT=str(port), NOTIFY_SOCKET=notify.address),
+            tmp_path / "serve.log",
+        )
+        try:
+            with pytest.raises(AssertionError, match="serve exited with 1"):
+                await server.start()
+            received = notify.read_pending()
+        finally:
+            server.kill()
+            notify.close()
+
+    assert server.log_text() == f"executor-tornado: Cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert received == [], "no READY=1 for a service that never served"
