@@ -234,60 +234,69 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def ratio(ours: float | None, peer: float | None, *, lower_is_better: bool = False) -> str:
+def ratio(ours: float | None, peer: float | None) -> str:
     if not ours or not peer:
         return "–"
-    value = peer / ours if lower_is_better else ours / peer
-    return f"{value:.2f}x"
+    return f"{ours / peer:.2f}x"
 
 
-def render(results: dict[str, Any]) -> str:
-    lines: list[str] = []
+def render_calls(results: dict[str, Any]) -> list[str]:
     calls = results["calls"]
-    lines.append("### tools/call round trips (median of runs)")
-    lines.append("")
-    lines.append("| server | mode | sessions | calls/s | p50 ms | p99 ms | server CPU | loadgen CPU | ours/peer calls/s |")
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [
+        "### tools/call round trips (median of runs)",
+        "",
+        "| server | mode | sessions | calls/s | p50 ms | p99 ms | server CPU | loadgen CPU | ours/peer calls/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for key, by_sessions in calls.items():
         kind, _, mode = key.partition("-")
         for sessions, figure in by_sessions.items():
-            ours = calls.get(f"ours-{mode}", {}).get(sessions) if kind != "ours" and mode else None
-            if kind == "tornado":
-                ours = calls.get("ours-json", {}).get(sessions)
+            # Peers compare with ours in the same response mode; the bare Tornado handler with ours in JSON mode.
+            ours = calls.get(f"ours-{mode or 'json'}", {}).get(sessions)
+            ours_ratio = "" if kind == "ours" else ratio(ours["per_second"] if ours else None, figure["per_second"])
             lines.append(
                 f"| {kind} | {mode or 'json'} | {sessions} | {fmt(figure['per_second'])} | {fmt(figure['p50_ms'], 2)} | "
-                f"{fmt(figure['p99_ms'], 2)} | {figure['server_cpu']:.2f} | {figure['loadgen_cpu']:.2f} | "
-                f"{ratio(ours['per_second'] if ours else None, figure['per_second']) if kind != 'ours' else ''} |"
+                f"{fmt(figure['p99_ms'], 2)} | {figure['server_cpu']:.2f} | {figure['loadgen_cpu']:.2f} | {ours_ratio} |"
             )
-    lines.append("")
-    lines.append("### Session set-up, idle streams, notifications")
-    lines.append("")
-    lines.append("| server | set-ups/s (16 workers) | ours/peer | KiB RSS per idle session + GET stream | notification to GET stream, p50 / p99 ms |")
-    lines.append("| --- | ---: | ---: | --- | --- |")
+    return lines
+
+
+def render_sessions(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "### Session set-up, idle streams, notifications",
+        "",
+        "| server | set-ups/s (16 workers) | ours/peer | KiB RSS per idle session + GET stream | notification to GET stream, p50 / p99 ms |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
     for key, figure in results["setup"].items():
-        ours_setup = results["setup"].get(f"ours-{key.partition('-')[2]}", {}).get("per_second")
+        kind, _, mode = key.partition("-")
+        ours_setup = results["setup"].get(f"ours-{mode}", {}).get("per_second")
         # Streams and notifications are measured once per server, in SSE mode.
-        measured_here = key.endswith("-sse")
-        memory = results["streams"].get(key.split("-")[0], {}).get("kib_per_stream", {}) if measured_here else {}
+        measured_here = mode == "sse"
+        memory = results["streams"].get(kind, {}).get("kib_per_stream", {}) if measured_here else {}
         memory_text = ", ".join(f"{fmt(value, 1)} at {count}" for count, value in memory.items()) or "–"
-        notify = results["notify"].get(key.split("-")[0]) if measured_here else None
+        notify = results["notify"].get(kind) if measured_here else None
         notify_text = f"{notify['p50_ms']:.2f} / {notify['p99_ms']:.2f}" if notify else "–"
+        setup_ratio = "" if kind == "ours" else ratio(ours_setup, figure["per_second"])
+        lines.append(f"| {key} | {fmt(figure['per_second'])} | {setup_ratio} | {memory_text} | {notify_text} |")
+    return lines
+
+
+def render_micro(results: dict[str, Any]) -> list[str]:
+    lines = ["### Tokens, rate limit, execute", "", "| figure | value |", "| --- | ---: |"]
+    for name, value in results.get("micro", {}).items():
+        lines.append(f"| {name} | {value} |")
+    for name, figure in results.get("execute", {}).items():
         lines.append(
-            f"| {key} | {fmt(figure['per_second'])} | {ratio(ours_setup, figure['per_second']) if not key.startswith('ours') else ''} | {memory_text} | {notify_text} |"
+            f"| execute, {name} (16 sessions): calls/s, p50 / p99 ms | "
+            f"{fmt(figure['per_second'])}, {figure['p50_ms']:.1f} / {figure['p99_ms']:.1f} |"
         )
-    micro = results.get("micro", {})
-    if micro:
-        lines.append("")
-        lines.append("### Tokens, rate limit, execute")
-        lines.append("")
-        lines.append("| figure | value |")
-        lines.append("| --- | ---: |")
-        for name, value in micro.items():
-            lines.append(f"| {name} | {value} |")
-    execute = results.get("execute", {})
-    for name, figure in execute.items():
-        lines.append(f"| execute, {name} (16 sessions): calls/s, p50 / p99 ms | {fmt(figure['per_second'])}, {figure['p50_ms']:.1f} / {figure['p99_ms']:.1f} |")
-    return "\n".join(lines)
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    """Format the results as Markdown tables, one per group of figures."""
+    return "\n\n".join("\n".join(part) for part in (render_calls(results), render_sessions(results), render_micro(results)))
 
 
 def machine_description() -> str:
