@@ -169,3 +169,18 @@ async def open_session(client: Any, url: str, key: str) -> str:
     acknowledged = await client.post(url, content=json.dumps(initialized), headers=mcp_headers(key, session_id))
     assert acknowledged.status_code == 202, acknowledged.text
     return session_id
+
+
+async def call_tool(
+    client: Any, url: str, key: str, session_id: str, name: str, arguments: dict[str, Any], request_id: int = 5
+) -> dict[str, Any]:
+    """Call an MCP tool and return the JSON-RPC response, whether it came as JSON or on an SSE stream."""
+    from sse_client import SseReader
+
+    body = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+    async with client.stream("POST", url, content=json.dumps(body), headers=mcp_headers(key, session_id)) as response:
+        assert response.status_code == 200, await response.aread()
+        if response.headers["Content-Type"].startswith("application/json"):
+            return json.loads(await response.aread())
+        events = await SseReader(response).events_until_response(request_id, timeout=60.0)
+        return events[-1].message

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import anonymous_key, fetch, running
 from executor_tornado.logs import JsonFormatter, RequestIdFilter
-from service_process import mcp_headers, open_session
+from service_process import call_tool, mcp_headers, open_session
 from sse_client import SseReader
 
 
@@ -43,16 +43,6 @@ def total(samples: dict, name: str, **labels: str) -> float:
     """Sum the samples of ``name`` whose labels include ``labels``."""
     wanted = set(labels.items())
     return sum(v for (sample_name, sample_labels), v in samples.items() if sample_name == name and wanted <= set(sample_labels))
-
-
-async def call_tool(client: httpx2.AsyncClient, url: str, key: str, session_id: str, name: str, arguments: dict) -> dict:
-    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
-    async with client.stream("POST", url, content=json.dumps(body), headers=mcp_headers(key, session_id)) as response:
-        assert response.status_code == 200
-        if response.headers["Content-Type"].startswith("application/json"):
-            return json.loads(await response.aread())
-        events = await SseReader(response).events_until_response(5, timeout=60.0)
-        return events[-1].message
 
 
 async def test_metrics_move_with_traffic(data_dir: Path) -> None:

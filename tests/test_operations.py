@@ -18,7 +18,7 @@ import httpx2
 import pytest
 
 from conftest import anonymous_key
-from service_process import SHARED_ISSUER, mcp_headers, open_session, serve_process
+from service_process import SHARED_ISSUER, call_tool, mcp_headers, open_session, serve_process
 from sse_client import SseReader
 
 class NotifySocket:
@@ -121,6 +121,10 @@ async def test_sigterm_drains_call_and_ends_stream(tmp_path: Path) -> None:
 
             async with httpx2.AsyncClient(timeout=60) as client:
                 session_id = await open_session(client, url, key)
+                stored = await call_tool(
+                    client, url, key, session_id, "execute", {"code": "tools.kv.set(key='before-stop', value=7)\n'stored'"}
+                )
+                assert stored["result"]["structuredContent"]["status"] == "completed", stored
                 get_headers = {**mcp_headers(key, session_id), "Accept": "text/event-stream"}
                 async with client.stream("GET", url, headers=get_headers) as get_response:
                     assert get_response.status_code == 200
@@ -196,6 +200,11 @@ async def test_sigterm_drains_call_and_ends_stream(tmp_path: Path) -> None:
                 ping = {"jsonrpc": "2.0", "id": 8, "method": "ping"}
                 response = await client.post(second_url, content=json.dumps(ping), headers=mcp_headers(key, session_id))
                 assert response.status_code == 200, response.text
+
+                read_back = await call_tool(
+                    client, second_url, key, session_id, "execute", {"code": "tools.kv.get(key='before-stop')"}, 9
+                )
+                assert read_back["result"]["structuredContent"]["result"] == 7, read_back
     finally:
         notify.close()
 
