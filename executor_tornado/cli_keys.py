@@ -102,6 +102,12 @@ def api_keys_for(settings: Settings) -> ApiKeys:
             secret = path.read_text().strip()
         except OSError as exc:
             raise AdminError(f"Cannot read the API key secret {path}: {exc.strerror}; run as the service's user") from None
+    if not settings.public_url and not settings.anonymous_issuer:
+        print(
+            f"executor-tornado: warning: EXECUTOR_PUBLIC_URL is not set, so keys get the issuer {settings.anonymous_iss}; "
+            "a service listening on another address rejects them",
+            file=sys.stderr,
+        )
     return ApiKeys(secret, issuer=settings.anonymous_iss, ttl_seconds=settings.api_key_ttl_seconds, clock=SystemClock())
 
 

@@ -326,3 +326,17 @@ async def test_keys_create_without_secret_fails(tmp_path: Path) -> None:
     assert "No API key secret" in result.stderr
     assert not (data_dir / "api-key-secret").exists(), "the command never generates a secret"
     assert os.listdir(data_dir) == ["executor.db"]
+
+
+async def test_keys_create_warns_without_public_url(data_dir: Path) -> None:
+    async with running(data_dir) as service:
+        env = service_env(data_dir)
+        assert (await cli(env, "account", "create", "--id", "acct_w")).returncode == 0
+        assert (await cli(env, "workspace", "create", "--id", "ws_w", "--name", "W")).returncode == 0
+
+        created = await cli(env, "keys", "create", "--account", "acct_w", "--workspace", "ws_w", "--json")
+
+        assert created.returncode == 0, created.stderr
+        assert created.stderr.startswith("executor-tornado: warning: EXECUTOR_PUBLIC_URL is not set")
+        # The service's issuer names its own port, so the key is rejected there.
+        assert await mcp_status(service, "ws_w", created.json()["apiKey"]) == 401
