@@ -7,7 +7,7 @@ session bootstraps (API keys) and ``execute`` calls over MCP (tasks and
 key-value entries). Each response the service acknowledged is recorded.
 The test sends SIGKILL mid-load, restarts the service on the same data
 directory, and checks that the store passes ``PRAGMA integrity_check`` and
-holds every acknowledged write. Set EXECUTOR_SOAK=1 for more rounds.
+contains every acknowledged write. Set EXECUTOR_SOAK=1 for more rounds.
 """
 
 from __future__ import annotations
@@ -189,7 +189,9 @@ async def test_kill_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> 
     for _ in range(ROUNDS):
         await one_round(data_dir, free_port(), log_path, acked)
 
-    assert acked.accounts and acked.api_key_jtis and acked.tasks, "the load wrote something before the kill"
+    assert acked.accounts, "tokens were issued before the kill"
+    assert acked.api_key_jtis, "API keys were issued before the kill"
+    assert acked.tasks, "tasks ran before the kill"
 
     port = free_port()
     process = start_service(data_dir, port, log_path)
@@ -217,14 +219,15 @@ async def test_kill_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> 
         for task_id, number in acked.tasks.items():
             task = await store.get_task(task_id)
             assert task is not None, task_id
-            assert task.status == "completed" and task.result == number, (task_id, task.status)
+            assert task.status == "completed", (task_id, task.status)
+            assert task.result == number, task_id
         for (workspace, key), number in acked.kv.items():
             assert await store.kv_get(workspace, key) == number, key
     finally:
         await store.close()
 
-    # Each acknowledged token took one token from the bucket; at most one per
-    # second (60 a minute) came back since the first request, plus one for rounding.
+    # Each acknowledged token took one token from the bucket. Since the first
+    # request at most one a second (60 a minute) came back, plus one for rounding.
     tokens, updated_at = bucket
     assert acked.first_token_at is not None
     refilled = (updated_at - acked.first_token_at) * TOKEN_RATE_PER_MINUTE / 60.0

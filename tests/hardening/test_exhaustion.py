@@ -1,8 +1,8 @@
 """Resource exhaustion: oversized and slow uploads, session floods, streams that never read.
 
-Every test runs against a real service on a loopback port, checks that the
-abuse is answered or cut off, that resident memory stays within a generous
-bound, and that the service still answers afterwards. Set EXECUTOR_SOAK=1
+Every test runs against a real service on a loopback port. It checks that
+the abuse is rejected or cut off, that resident memory stays within a
+generous bound, and that the service still responds afterwards. Set EXECUTOR_SOAK=1
 for the larger counts.
 """
 

@@ -86,7 +86,7 @@ def _post(live: LiveServer, route: str, header: str, payload: str, signature: st
 
 
 def _run_plan(live: LiveServer, plan: list[tuple[int, str]], events: list[tuple[str, str]], sign: Any, route: str, header: str, read: Any) -> set[int]:
-    """Deliver ``plan``; check each answer and that forged deliveries change nothing. Return the genuine indexes delivered."""
+    """Deliver ``plan``, check each response and that forged deliveries change nothing, and return the genuine indexes delivered."""
     delivered: set[int] = set()
     for index, kind in plan:
         event_id, payload = events[index]
