@@ -114,7 +114,7 @@ class BoundedBodyHandler(BaseHandler):
     """A handler whose request body is capped at ``max_body_bytes``: larger bodies get a JSON 413.
 
     The body is streamed, so Tornado's connection-level size check (an empty
-    400 that closes the connection) never sees it first. Verb methods read
+    400 that closes the connection) never runs before this one. Verb methods read
     the body as :attr:`body`, not ``self.request.body``.
     """
 
