@@ -212,6 +212,9 @@ class McpHandler(BaseHandler):
         return self._closed
 
     def on_connection_close(self) -> None:
+        # Tornado's own handler fails the pending body future, so a request
+        # cut off mid-upload (body timeout, client gone) ends its coroutine.
+        super().on_connection_close()
         self._closed.set()
 
 
