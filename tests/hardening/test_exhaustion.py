@@ -22,6 +22,7 @@ import pytest
 
 import executor_tornado.app
 from conftest import MCP_HEADERS, anonymous_key, fetch, initialize_body, json_body, running
+from mcp_client import sdk_client
 from test_sse_resources import open_session, raw_request, resident_bytes
 from test_webhooks import WEBHOOK_SETTINGS
 
@@ -189,3 +190,44 @@ async def test_never_read_streams_stay_bounded(data_dir: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         assert service.transport.open_stream_count == 0, "dropped streams were released"
+
+
+# Code, the task status it must end in, and the error type it must report.
+SANDBOX_BOMBS = {
+    "memory": ("chunks = []\nwhile True:\n    chunks.append('a' * 1000000)", "failed", "MemoryError"),
+    "recursion": ("def down(n):\n    return down(n + 1)\ndown(0)", "failed", "RecursionError"),
+    "endless loop": ("n = 0\nwhile True:\n    n += 1", "timed_out", None),
+}
+
+
+async def test_sandbox_bombs_over_mcp_leave_service_up(data_dir: Path) -> None:
+    async with running(
+        data_dir, rate_limit_enabled=False, sandbox_max_memory_bytes=64 * 1024 * 1024,
+        sandbox_max_recursion_depth=200, sandbox_max_duration_seconds=2.0,
+    ) as service:
+        bootstrap = await anonymous_key(service)
+        gc.collect()
+        before = resident_bytes()
+
+        async with sdk_client(bootstrap["mcpUrl"], {"X-API-Key": bootstrap["apiKey"]}) as client:
+            cases = list(SANDBOX_BOMBS.items()) * 2
+            results = await asyncio.gather(
+                *(client.call_tool("execute", {"code": code}) for _, (code, _, _) in cases)
+            )
+            health = await fetch(service, "/healthz")
+            assert health.code == 200
+
+            for (name, (_, status, error_type)), result in zip(cases, results):
+                assert result.is_error is True, name
+                body = result.structured_content
+                assert body is not None, name
+                assert body["status"] == status, (name, body["status"])
+                if error_type is not None:
+                    assert error_type in json.dumps(body["error"]), (name, body["error"])
+
+            after = await client.call_tool("execute", {"code": "40 + 2"})
+            assert after.structured_content is not None
+            assert after.structured_content["result"] == 42, "the pool serves after the bombs"
+
+        growth = resident_bytes() - before
+        assert growth < 100 * 1024 * 1024, f"the service process grew by {growth} bytes; the sandbox runs in workers"
