@@ -225,8 +225,11 @@ class McpTransport:
         """Respond to one MCP request whose caller passed rate limits and authentication."""
         session_id = request.headers.get(SESSION_ID_HEADER)
         live = None
+        state = SessionState.CLOSED
         if session_id is not None:
-            live = await self._find_session(session_id, request.caller)
+            found = await self._find_session(session_id, request.caller)
+            if found is not None:
+                live, state = found
             if live is None:
                 responder.send_json(404, _error_body(SESSION_NOT_FOUND, "Session not found: it is unknown, expired or was terminated; initialize a new session"))
                 return
@@ -252,16 +255,20 @@ class McpTransport:
             return
 
         if request.method == "POST":
-            await self._handle_post(request, responder, live)
+            await self._handle_post(request, responder, live, state)
         elif request.method == "GET":
-            await self._handle_get(request, responder, live)
+            await self._handle_get(request, responder, live, state)
         elif request.method == "DELETE":
-            await self._handle_delete(responder, live)
+            await self._handle_delete(responder, live, state)
         else:
             responder.send_empty(405, {"Allow": "GET, POST, DELETE"})
 
-    async def _find_session(self, session_id: str, caller: McpCaller) -> LiveSession | None:
-        """Return the caller's open session, restoring it from the store if this process lacks it."""
+    async def _find_session(self, session_id: str, caller: McpCaller) -> tuple[LiveSession, SessionState] | None:
+        """Return the caller's open session and its stored state, restoring it if this process lacks it.
+
+        The state read here serves the whole request: the only other move of
+        an open session (initializing to active) is idempotent.
+        """
         if len(session_id) > 200:
             return None
         record = await self._runtime.store.get_mcp_session(session_id)
@@ -281,7 +288,7 @@ class McpTransport:
             live.start(restored=True)
             self.live[session_id] = live
             log.info("Restored MCP session %s from the store", session_id[:12])
-        return live
+        return live, SessionState(record.state)
 
     # -- POST ----------------------------------------------------------------------
 
@@ -305,7 +312,9 @@ class McpTransport:
             return None
         return decoded if decoded is not None else {}
 
-    async def _handle_post(self, request: McpHttpRequest, responder: Responder, live: LiveSession | None) -> None:
+    async def _handle_post(
+        self, request: McpHttpRequest, responder: Responder, live: LiveSession | None, state: SessionState
+    ) -> None:
         decoded = self._check_post_basics(request, responder)
         if decoded is None:
             return
@@ -331,7 +340,6 @@ class McpTransport:
             return
 
         try:
-            state = await self._session_state(live)
             if is_initialize:
                 next_state(state, SessionEvent.INITIALIZE)
             elif isinstance(message, JSONRPCNotification) and message.method == "notifications/initialized":
@@ -362,12 +370,6 @@ class McpTransport:
             responder.send_empty(202)
             return
         await self._respond(live, pending, responder, {SESSION_ID_HEADER: live.id})
-
-    async def _session_state(self, live: LiveSession) -> SessionState:
-        record = await self._runtime.store.get_mcp_session(live.id)
-        if record is None:
-            return SessionState.CLOSED
-        return SessionState(record.state)
 
     async def _touch(self, live: LiveSession) -> None:
         now = self._runtime.clock.time()
@@ -458,7 +460,9 @@ class McpTransport:
 
     # -- GET --------------------------------------------------------------------------
 
-    async def _handle_get(self, request: McpHttpRequest, responder: Responder, live: LiveSession | None) -> None:
+    async def _handle_get(
+        self, request: McpHttpRequest, responder: Responder, live: LiveSession | None, state: SessionState
+    ) -> None:
         _, has_sse = _accepts(request.headers)
         if not has_sse:
             responder.send_json(406, _error_body(INVALID_REQUEST, "Not Acceptable: Accept must list text/event-stream"))
@@ -469,7 +473,7 @@ class McpTransport:
             )
             return
         try:
-            next_state(await self._session_state(live), SessionEvent.GET_STREAM)
+            next_state(state, SessionEvent.GET_STREAM)
         except Rejected as rejected:
             responder.send_json(rejected.status, _error_body(SESSION_NOT_FOUND, rejected.message))
             return
@@ -501,14 +505,14 @@ class McpTransport:
 
     # -- DELETE ------------------------------------------------------------------------
 
-    async def _handle_delete(self, responder: Responder, live: LiveSession | None) -> None:
+    async def _handle_delete(self, responder: Responder, live: LiveSession | None, state: SessionState) -> None:
         if live is None:
             responder.send_json(
                 400, _error_body(INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required for DELETE")
             )
             return
         try:
-            next_state(await self._session_state(live), SessionEvent.DELETE)
+            next_state(state, SessionEvent.DELETE)
         except Rejected as rejected:
             responder.send_json(rejected.status, _error_body(SESSION_NOT_FOUND, rejected.message))
             return
