@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from executor_tornado.clock import Clock
 from executor_tornado.settings import Settings
@@ -112,6 +113,8 @@ class AnonymousSigner:
         self.public_key = private_key.public_key()
         self.jwk = public_jwk(self.public_key)
         self.kid = self.jwk["kid"]
+        header = {"alg": "ES256", "kid": self.kid, "typ": "JWT"}
+        self._encoded_header = _b64url(json.dumps(header, separators=(",", ":")).encode())
         self.issuer = issuer
         self.ttl_seconds = ttl_seconds
         self._clock = clock
@@ -136,8 +139,21 @@ class AnonymousSigner:
             "nbf": now - 5,
             "exp": now + self.ttl_seconds,
         }
-        token = jwt.encode(claims, self._private_key, algorithm="ES256", headers={"kid": self.kid, "typ": "JWT"})
-        return token, claims
+        return self._sign(claims), claims
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        """Sign ``claims`` as a compact ES256 JWS.
+
+        This is what ``jwt.encode`` produces for the same header, built by
+        hand with a header encoded once per key, because issuance is a hot
+        path. ``verify_anonymous`` and the tests verify tokens with PyJWT.
+        """
+        payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        signing_input = f"{self._encoded_header}.{payload}".encode("ascii")
+        der = self._private_key.sign(signing_input, ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        signature = _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        return f"{signing_input.decode('ascii')}.{signature}"
 
     def verify_anonymous(self, token: str) -> dict[str, Any]:
         """Return the claims of a valid anonymous token; raise ``jwt.InvalidTokenError`` otherwise."""
