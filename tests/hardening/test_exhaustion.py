@@ -45,7 +45,9 @@ async def test_oversized_body_is_413(data_dir: Path, size: int) -> None:
         bootstrap = await anonymous_key(service)
         before = await service.store.count_open_mcp_sessions()
         body = json.dumps({**initialize_body(), "pad": "x" * size}).encode()
-        for route in BODY_ROUTES:
+        gc.collect()
+        resident_before = resident_bytes()
+        for route in BODY_ROUTES * 5:
             response = await fetch(
                 service, f"{route}?workspaceId={bootstrap['workspaceId']}", method="POST", body=body,
                 headers={**MCP_HEADERS, "X-API-Key": bootstrap["apiKey"], "Authorization": f"Bearer {bootstrap['accessToken']}"},
@@ -54,6 +56,9 @@ async def test_oversized_body_is_413(data_dir: Path, size: int) -> None:
             assert "too large" in json_body(response)["error"], route
         assert await service.store.count_open_mcp_sessions() == before
         assert (await fetch(service, "/healthz")).code == 200
+        gc.collect()
+        growth = resident_bytes() - resident_before
+        assert growth < 64 * 1024 * 1024, f"resident memory grew by {growth} bytes after 30 rejected bodies"
 
 
 @pytest.mark.parametrize("route", ["/v1/mcp/anonymous", "/auth/anonymous/session", "/stripe/webhook"])
