@@ -63,12 +63,6 @@ class BaseHandler(tornado.web.RequestHandler):
             self._client_address = cached
         return cached
 
-    @property
-    def peer_is_trusted_proxy(self) -> bool:
-        return self.client_address != (self.request.remote_ip or "") or self.service.is_trusted_peer(
-            self.request.remote_ip or ""
-        )
-
     def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         """Finish with a JSON body (``body`` may be pre-serialized text)."""
         self.set_status(status)
