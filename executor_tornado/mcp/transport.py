@@ -563,7 +563,11 @@ class McpTransport:
 
     async def _handle_modern(self, request: McpHttpRequest, responder: Responder) -> None:
         if request.method != "POST":
-            responder.send_empty(405, {"Allow": "POST"})
+            responder.send_json(
+                405,
+                _error_body(INVALID_REQUEST, "Method Not Allowed: protocol version 2026-07-28 takes POST only"),
+                {"Allow": "POST"},
+            )
             return
         decoded = self._check_post_basics(request, responder)
         if decoded is None:
