@@ -110,7 +110,7 @@ class LiveServer:
             try:
                 data = b"" if streaming else response.read()
             except ConnectionResetError:
-                # Tornado's parser answers malformed framing with a bare 400 and
+                # Tornado's parser rejects malformed framing with a bare 400 and
                 # closes the socket with the request body unread, which resets it.
                 if "Content-Length" in response.headers or "Transfer-Encoding" in response.headers:
                     raise

@@ -234,7 +234,7 @@ def assert_clear_error(response: RawResponse, case: str) -> None:
     if response.status < 400:
         return
     if response.headers.get("Server") != "executor-tornado":
-        # NOTE: Tornado's HTTP/1.1 parser answers malformed framing (for
+        # NOTE: Tornado's HTTP/1.1 parser rejects malformed framing (for
         # example an invalid Host header) with an empty 400 before any
         # handler runs, so those responses carry no JSON body.
         assert response.status == 400, f"{case}: {response.status} from the HTTP layer"

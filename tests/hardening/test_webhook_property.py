@@ -47,14 +47,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         server.stop()
 
 
-def forge(payload: str, signature: str, how: str) -> tuple[str, str]:
+def forge(payload: str, signature: str, tampering: str) -> tuple[str, str]:
     """Return a (payload, signature) pair that a verifier must reject."""
-    if how == "changed body":
+    if tampering == "changed body":
         return payload.replace("}", ', "x": 1}', 1), signature
-    if how == "tampered signature":
+    if tampering == "tampered signature":
         last = "1" if signature.endswith("0") else "0"
         return payload, signature[:-1] + last
-    if how == "no signature":
+    if tampering == "no signature":
         return payload, ""
     return payload, "t=1, v1=" + "0" * 64
 
