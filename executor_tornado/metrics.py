@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -89,7 +90,11 @@ class Metrics:
 
     def instrument_store(self, store: Store) -> None:
         """Time every call of the store interface on ``store`` (the instance, not its class)."""
-        for name in sorted(Store.__abstractmethods__ - _UNTIMED_STORE_METHODS):
+        public = {
+            name for name, member in vars(Store).items()
+            if not name.startswith("_") and inspect.iscoroutinefunction(member)
+        }
+        for name in sorted(public - _UNTIMED_STORE_METHODS):
             setattr(store, name, self._timed(name, getattr(store, name)))
 
     def _timed(self, operation: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from executor_tornado.clock import Clock
 from executor_tornado.settings import Settings
 from store.base import Store
-from store.records import RateDecision
+from store.records import BucketSpec, RateDecision
 
 __all__ = ["RateLimiter", "client_ip", "retry_after_header"]
 
@@ -108,28 +108,22 @@ class RateLimiter:
     async def check_route(self, route: str, ip: str, user_agent: str, *, per_minute: int) -> RateDecision:
         """Take one token from the (route, IP, user agent) bucket and the per-IP ceiling.
 
-        The per-agent bucket is checked first; its token is spent even when
-        the ceiling then rejects, so rotating agents cannot probe for free.
+        Both buckets are updated in one store operation. The per-agent bucket
+        is checked first; its token is spent even when the ceiling then
+        rejects, so rotating agents cannot probe for free.
         """
         if not self._settings.rate_limit_enabled:
             return RateDecision(allowed=True, remaining=float(per_minute), retry_after=0.0)
-        now = self._clock.time()
-        rate = per_minute / 60.0
         agent = user_agent[:USER_AGENT_KEY_CHARS]
-
-        decision = await self._store.take_token(
-            f"route|{route}|{ip}|{agent}", capacity=per_minute, refill_per_second=rate, now=now
-        )
-        if not decision.allowed:
-            return decision
-
         ceiling = per_minute * self._settings.ip_ceiling_factor
-        ceiling_decision = await self._store.take_token(
-            f"ceiling|{route}|{ip}", capacity=ceiling, refill_per_second=ceiling / 60.0, now=now
-        )
-        if not ceiling_decision.allowed:
-            return ceiling_decision
-        return decision
+        buckets = [
+            BucketSpec(f"route|{route}|{ip}|{agent}", capacity=per_minute, refill_per_second=per_minute / 60.0),
+            BucketSpec(f"ceiling|{route}|{ip}", capacity=ceiling, refill_per_second=ceiling / 60.0),
+        ]
+        decisions = await self._store.take_tokens(buckets, now=self._clock.time())
+        if not decisions[-1].allowed:
+            return decisions[-1]
+        return decisions[0]
 
     async def check_bootstrap(self, client_kind: str, identifier: str) -> RateDecision:
         """Count one session bootstrap against the global window and the per-identity bucket."""

@@ -29,6 +29,7 @@ Contract shared by all methods:
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Any
 
 from store.records import (
@@ -38,6 +39,7 @@ from store.records import (
     Approval,
     ApprovalPolicy,
     BillingRecord,
+    BucketSpec,
     McpSessionRecord,
     Membership,
     Organization,
@@ -161,6 +163,27 @@ class Store(abc.ABC):
         When fewer than ``cost`` tokens are left, nothing is taken and
         ``retry_after`` is the exact time until ``cost`` tokens are there.
         """
+
+    async def take_tokens(self, buckets: Sequence[BucketSpec], *, now: float) -> list[RateDecision]:
+        """Take tokens from several token buckets in order, stopping at the first that rejects.
+
+        Each bucket behaves as in :meth:`take_token`. Return one decision per
+        bucket checked: all of them when every bucket admits, else up to and
+        including the rejecting one, whose tokens stay untouched while the
+        earlier buckets keep what was taken from them. Backends that can do
+        it commit all the buckets at once; this default takes them one by one,
+        each atomically.
+        """
+        decisions = []
+        for bucket in buckets:
+            decision = await self.take_token(
+                bucket.key, capacity=bucket.capacity, refill_per_second=bucket.refill_per_second, now=now,
+                cost=bucket.cost,
+            )
+            decisions.append(decision)
+            if not decision.allowed:
+                break
+        return decisions
 
     @abc.abstractmethod
     async def hit_window(self, key: str, *, limit: int, window_seconds: float, now: float) -> RateDecision:

@@ -18,6 +18,7 @@ __all__ = [
     "Approval",
     "ApprovalPolicy",
     "BillingRecord",
+    "BucketSpec",
     "McpSessionRecord",
     "Membership",
     "Organization",
@@ -121,6 +122,16 @@ class RateDecision:
     allowed: bool
     remaining: float
     retry_after: float
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """One token bucket of a :meth:`~store.base.Store.take_tokens` call."""
+
+    key: str
+    capacity: float
+    refill_per_second: float
+    cost: float = 1.0
 
 
 @dataclass

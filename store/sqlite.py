@@ -33,7 +33,7 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ from store.records import (
     Approval,
     ApprovalPolicy,
     BillingRecord,
+    BucketSpec,
     McpSessionRecord,
     Membership,
     Organization,
@@ -296,6 +297,43 @@ def count_events_to_drop(
         kept += 1
         kept_bytes += data_bytes
     return len(events_newest_first) - kept
+
+
+def _take_from_bucket(connection: sqlite3.Connection, bucket: BucketSpec, now: float) -> RateDecision:
+    """Refill ``bucket`` for the time since it was stored and take its cost if there is enough.
+
+    Runs inside the caller's write transaction.
+    """
+    key, capacity, refill_per_second, cost = bucket.key, bucket.capacity, bucket.refill_per_second, bucket.cost
+    row = connection.execute("SELECT tokens, updated_at FROM rate_buckets WHERE key = ?", (key,)).fetchone()
+    tokens, updated_at = (capacity, now) if row is None else row
+
+    # Refill for the time since the last computation. A ``now``
+    # behind the stored time (clocks of two processes) adds nothing.
+    elapsed = max(0.0, now - updated_at)
+    tokens = min(capacity, tokens + refill_per_second * elapsed)
+    updated_at = max(updated_at, now)
+
+    allowed = tokens >= cost - refill_per_second * TOKEN_TIME_TOLERANCE
+    if allowed:
+        tokens -= cost
+    full_at = updated_at + max(0.0, capacity - tokens) / refill_per_second
+
+    connection.execute(
+        "INSERT OR REPLACE INTO rate_buckets (key, tokens, updated_at, expire_at) VALUES (?, ?, ?, ?)",
+        (key, tokens, updated_at, full_at),
+    )
+    if allowed:
+        return RateDecision(allowed=True, remaining=tokens, retry_after=0.0)
+    return RateDecision(allowed=False, remaining=tokens, retry_after=(cost - tokens) / refill_per_second)
+
+
+def _prune_rate_buckets(connection: sqlite3.Connection, now: float) -> None:
+    # A bucket past its expire_at is full, the same as a missing one.
+    connection.execute(
+        "DELETE FROM rate_buckets WHERE key IN (SELECT key FROM rate_buckets WHERE expire_at < ? LIMIT ?)",
+        (now, RATE_PRUNE_BATCH),
+    )
 
 
 # Operations one group commit runs at most, which bounds the wait of the last one.
@@ -642,39 +680,33 @@ class SQLiteStore(Store):
         self, key: str, *, capacity: float, refill_per_second: float, now: float, cost: float = 1.0
     ) -> RateDecision:
         check_bucket_arguments(capacity, refill_per_second, cost)
+        bucket = BucketSpec(key, capacity, refill_per_second, cost)
 
         def take(connection: sqlite3.Connection) -> RateDecision:
             with _write_transaction(connection):
-                row = connection.execute("SELECT tokens, updated_at FROM rate_buckets WHERE key = ?", (key,)).fetchone()
-                tokens, updated_at = (capacity, now) if row is None else row
-
-                # Refill for the time since the last computation. A ``now``
-                # behind the stored time (clocks of two processes) adds nothing.
-                elapsed = max(0.0, now - updated_at)
-                tokens = min(capacity, tokens + refill_per_second * elapsed)
-                updated_at = max(updated_at, now)
-
-                allowed = tokens >= cost - refill_per_second * TOKEN_TIME_TOLERANCE
-                if allowed:
-                    tokens -= cost
-                full_at = updated_at + max(0.0, capacity - tokens) / refill_per_second
-
-                connection.execute(
-                    "INSERT OR REPLACE INTO rate_buckets (key, tokens, updated_at, expire_at) VALUES (?, ?, ?, ?)",
-                    (key, tokens, updated_at, full_at),
-                )
-                # A bucket past its expire_at is full, the same as a missing one.
-                connection.execute(
-                    "DELETE FROM rate_buckets WHERE key IN"
-                    " (SELECT key FROM rate_buckets WHERE expire_at < ? LIMIT ?)",
-                    (now, RATE_PRUNE_BATCH),
-                )
-
-            if allowed:
-                return RateDecision(allowed=True, remaining=tokens, retry_after=0.0)
-            return RateDecision(allowed=False, remaining=tokens, retry_after=(cost - tokens) / refill_per_second)
+                decision = _take_from_bucket(connection, bucket, now)
+                _prune_rate_buckets(connection, now)
+            return decision
 
         return await self._run(take)
+
+    async def take_tokens(self, buckets: Sequence[BucketSpec], *, now: float) -> list[RateDecision]:
+        """Take from every bucket in one transaction, so one commit covers them all."""
+        for bucket in buckets:
+            check_bucket_arguments(bucket.capacity, bucket.refill_per_second, bucket.cost)
+
+        def take_all(connection: sqlite3.Connection) -> list[RateDecision]:
+            decisions = []
+            with _write_transaction(connection):
+                for bucket in buckets:
+                    decision = _take_from_bucket(connection, bucket, now)
+                    decisions.append(decision)
+                    if not decision.allowed:
+                        break
+                _prune_rate_buckets(connection, now)
+            return decisions
+
+        return await self._run(take_all)
 
     async def hit_window(self, key: str, *, limit: int, window_seconds: float, now: float) -> RateDecision:
         check_window_arguments(limit, window_seconds)

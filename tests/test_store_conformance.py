@@ -37,6 +37,7 @@ from store.records import (
     Approval,
     ApprovalPolicy,
     BillingRecord,
+    BucketSpec,
     McpSessionRecord,
     Membership,
     Organization,
@@ -839,6 +840,36 @@ async def test_seq_grows_after_trimming_all(store):
 
 
 # -- webhooks and billing ------------------------------------------------------------------
+
+
+async def test_take_tokens_stops_at_first_rejection(store):
+    buckets = [
+        BucketSpec("multi|agent", capacity=2, refill_per_second=1.0),
+        BucketSpec("multi|ceiling", capacity=3, refill_per_second=1.0),
+    ]
+    first = await store.take_tokens(buckets, now=T0)
+    assert [d.allowed for d in first] == [True, True]
+    assert [d.remaining for d in first] == [1.0, 2.0]
+    second = await store.take_tokens(buckets, now=T0)
+    assert [d.allowed for d in second] == [True, True]
+    third = await store.take_tokens(buckets, now=T0)
+    assert [d.allowed for d in third] == [False], "the rejecting bucket ends the call"
+    assert third[0].retry_after == pytest.approx(1.0)
+    ceiling = await store.take_token("multi|ceiling", capacity=3, refill_per_second=1.0, now=T0)
+    assert ceiling.allowed is True, "the ceiling kept its last token when the first bucket rejected"
+    assert ceiling.remaining == 0.0
+
+
+async def test_take_tokens_ceiling_rejects(store):
+    buckets = [
+        BucketSpec("ceil|agent-a", capacity=5, refill_per_second=1.0),
+        BucketSpec("ceil|shared", capacity=1, refill_per_second=0.5),
+    ]
+    assert [d.allowed for d in await store.take_tokens(buckets, now=T0)] == [True, True]
+    other = [BucketSpec("ceil|agent-b", capacity=5, refill_per_second=1.0), buckets[1]]
+    decisions = await store.take_tokens(other, now=T0)
+    assert [d.allowed for d in decisions] == [True, False]
+    assert decisions[1].retry_after == pytest.approx(2.0)
 
 
 async def test_webhook_receipt_once(store):
