@@ -76,6 +76,8 @@ __all__ = [
 tasks_log = logging.getLogger("executor_tornado.tasks")
 
 DEFAULT_TIMEOUT_MS: Final = 300_000
+ABANDONED_GRACE_SECONDS: Final = 120.0
+"""Slack past a task's time limit before a queued or running task counts as abandoned."""
 MAX_TIMEOUT_MS: Final = 600_000
 REDACTED: Final = "[redacted]"
 
@@ -400,9 +402,11 @@ class TaskService:
         await self.store.insert_task(task)
 
         async def mark_running() -> None:
-            task.started_at = self.clock.time()
+            task.started_at = task.claimed_at = self.clock.time()
             task.status = TaskStatus.RUNNING
-            await self.store.update_task(task.id, status=TaskStatus.RUNNING, started_at=task.started_at)
+            await self.store.update_task(
+                task.id, status=TaskStatus.RUNNING, started_at=task.started_at, claimed_at=task.claimed_at
+            )
             tasks_log.info("Task %s started in workspace %s", task.id, workspace_id)
 
         segment = _Segment(service=self, task=task, progress=progress, host_calls=0)
@@ -490,7 +494,32 @@ class TaskService:
         task = await self.store.get_task(task_id)
         if task is None or (workspace_id is not None and task.workspace_id != workspace_id):
             raise TaskNotFoundError(f"Task {task_id!r} not found")
+        if task.status in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+            return await self._fail_if_abandoned(task)
         return task
+
+    async def _fail_if_abandoned(self, task: Task) -> Task:
+        """Mark failed a queued or running task whose time limit passed long ago.
+
+        No live run outlasts its ``timeout_ms`` from its claim (or, while
+        queued, from its creation) by more than :data:`ABANDONED_GRACE_SECONDS`,
+        which covers the wait for a worker and the kill of a stuck one. Such
+        a task belonged to a process that died; without this it would stay
+        queued or running for good.
+        """
+        since = task.claimed_at if task.claimed_at is not None else task.created_at
+        if self.clock.time() < since + task.timeout_ms / 1000 + ABANDONED_GRACE_SECONDS:
+            return task
+        error = "The process running this task stopped before it finished; run the code again."
+        ended = await self.store.update_task(
+            task.id, expected_status=task.status, status=TaskStatus.FAILED, error=error,
+            finished_at=self.clock.time(), snapshot=None,
+        )
+        if ended:
+            tasks_log.warning("Task %s was %s past its time limit; marked failed", task.id, task.status)
+            self._report_status(TaskStatus.FAILED)
+        stored = await self.store.get_task(task.id)
+        return stored if stored is not None else task
 
     async def _resume_decided(self, task: Task, progress: ProgressCallback | None) -> Task:
         info = dict(task.result or {})
@@ -506,14 +535,16 @@ class TaskService:
         if not self.pool.running:
             raise RuntimeError("The sandbox pool is not running: call start() first")
 
-        # NOTE: a process that dies after this claim, or during a first run,
-        # leaves the task "running" for good. Nothing sweeps such tasks yet.
+        # A process that dies after this claim leaves the task running; the
+        # claim time lets _get_task end it once its time limit has passed.
+        claimed_at = self.clock.time()
         claimed = await self.store.update_task(
-            task.id, expected_status=TaskStatus.WAITING_APPROVAL, status=TaskStatus.RUNNING
+            task.id, expected_status=TaskStatus.WAITING_APPROVAL, status=TaskStatus.RUNNING, claimed_at=claimed_at
         )
         if not claimed:
             return await self._get_task(task.id, None)
         task.status = TaskStatus.RUNNING
+        task.claimed_at = claimed_at
 
         elapsed = float(info.get("elapsedMs", 0)) / 1000
         remaining = task.timeout_ms / 1000 - elapsed

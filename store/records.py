@@ -212,6 +212,8 @@ class Task:
     error: str | None = None
     output: str = ""
     snapshot: bytes | None = None
+    claimed_at: float | None = None
+    """When the current run (the first one or a resumed one) took a sandbox worker."""
 
 
 @dataclass

@@ -222,6 +222,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             workspace_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
             updated_at REAL NOT NULL, PRIMARY KEY (workspace_id, key))""",
     ),
+    # The claim time of a task's current run, so a run whose process died
+    # can be told from one that is still within its time limit.
+    2: ("ALTER TABLE tasks ADD COLUMN claimed_at REAL",),
 }
 
 SCHEMA_VERSION = max(_MIGRATIONS)

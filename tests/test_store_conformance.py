@@ -1435,3 +1435,32 @@ def _posix_seconds(value: datetime.datetime) -> float:
     if value.tzinfo is None:  # PyMongo and mongomock return naive UTC datetimes
         value = value.replace(tzinfo=datetime.timezone.utc)
     return value.timestamp()
+
+
+async def test_sqlite_migrates_version_1_tasks(io_loop, database_path):
+    from store.sqlite import _MIGRATIONS
+
+    os.makedirs(os.path.dirname(database_path), exist_ok=True)
+    connection = sqlite3.connect(database_path)
+    try:
+        for statement in _MIGRATIONS[1]:
+            connection.execute(statement)
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute(
+            "INSERT INTO tasks (id, workspace_id, account_id, principal, code, status, created_at, timeout_ms,"
+            " result, output) VALUES ('task_old', 'ws_1', 'anon_1', 'p', '1', 'completed', 1.0, 1000, 'null', '')"
+        )
+        connection.commit()
+    finally:
+        connection.close()
+
+    store = SQLiteStore(database_path)
+    await store.open()
+    try:
+        task = await store.get_task("task_old")
+        assert task.status == "completed"
+        assert task.claimed_at is None
+        assert await store.update_task("task_old", claimed_at=5.0) is True
+        assert (await store.get_task("task_old")).claimed_at == 5.0
+    finally:
+        await store.close()

@@ -39,7 +39,7 @@ from executor_tornado.tools import (
     kv_tools,
     load_plugin_tools,
 )
-from store.records import Approval, ApprovalPolicy
+from store.records import Approval, ApprovalPolicy, Task
 from store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.timeout(seconds=90)
@@ -679,3 +679,33 @@ async def test_pool_not_running_fails_task(io_loop: Any, tmp_path: Path) -> None
     assert len(tasks) == 1
     assert tasks[0].status == "failed"
     assert tasks[0].error == "The run stopped because of an internal error (RuntimeError)."
+
+
+# -- abandoned runs ------------------------------------------------------------------------------
+
+
+async def test_abandoned_running_task_fails(io_loop: Any, tmp_path: Path) -> None:
+    async with opened(tmp_path / "executor.db") as services:
+        now = time.time()
+        for task_id, status, claimed_at in (
+            ("task_dead", "running", now - 1000),
+            ("task_alive", "running", now - 10),
+            ("task_lost_in_queue", "queued", None),
+        ):
+            await services.store.insert_task(
+                Task(
+                    id=task_id, workspace_id=WS_A, account_id=ACCOUNT, principal=PRINCIPAL, code="1",
+                    status=status, created_at=now - 1000, timeout_ms=60_000, claimed_at=claimed_at,
+                )
+            )
+
+        dead = await services.tasks.get_task("task_dead")
+        assert dead.status == "failed"
+        assert "stopped before it finished" in dead.error
+        assert (await services.store.get_task("task_dead")).status == "failed"
+
+        alive = await services.tasks.get_task("task_alive")
+        assert alive.status == "running", "a run within its time limit is left alone"
+
+        lost = await services.tasks.get_task("task_lost_in_queue")
+        assert lost.status == "failed"
