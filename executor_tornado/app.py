@@ -49,7 +49,7 @@ DRAIN_POLL_SECONDS = 0.05
 
 
 def make_routes() -> list[Any]:
-    """The route table, one ``default_handlers`` list per handlers module."""
+    """Return the route table, one ``default_handlers`` list per handlers module."""
     from handlers import anonymous, discovery, health, mcp, webhooks
 
     return [*discovery.default_handlers, *anonymous.default_handlers, *mcp.default_handlers, *webhooks.default_handlers, *health.default_handlers]
@@ -257,7 +257,7 @@ class Service:
 
 
 def _route_label(handler: tornado.web.RequestHandler) -> str:
-    """The metrics label of a request: its path, or ``unmatched`` so unknown paths cannot grow the label set."""
+    """Return the metrics label of a request: its path, or ``unmatched`` so unknown paths cannot grow the label set."""
     from handlers.base import NotFoundHandler
 
     if isinstance(handler, NotFoundHandler):

@@ -17,28 +17,14 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
-
 from executor_tornado import cli_admin, cli_keys, cli_tasks
+from executor_tornado.cli_admin import AdminError, load_settings
 from executor_tornado.settings import Settings
 from store import StoreError
 
 __all__ = ["main"]
 
 log = logging.getLogger("executor_tornado")
-
-
-class CommandError(Exception):
-    """A command failed in a way the operator can fix; printed as one line."""
-
-
-def _load_settings(**overrides: object) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        location = ".".join(str(part) for part in first.get("loc", ()))
-        raise CommandError(f"Invalid setting {location}: {first.get('msg')}") from None
 
 
 async def _serve(settings: Settings) -> None:
@@ -88,21 +74,21 @@ async def _serve(settings: Settings) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    settings = _load_settings(host=args.host, port=args.port)
+    settings = load_settings(host=args.host, port=args.port)
     from executor_tornado.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(_serve(settings))
     except StoreError as exc:
-        raise CommandError(f"Cannot open the store {settings.masked()['store_url']}: {exc}") from None
+        raise AdminError(f"Cannot open the store {settings.masked()['store_url']}: {exc}") from None
     except OSError as exc:
-        raise CommandError(f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        raise AdminError(f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = load_settings()
     print(json.dumps(settings.masked(), indent=2, sort_keys=True))
     return 0
 
@@ -128,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CommandError as exc:
+    except AdminError as exc:
         print(f"executor-tornado: {exc}", file=sys.stderr)
         return 1
 

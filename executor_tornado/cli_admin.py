@@ -196,9 +196,10 @@ def with_store(action: Callable[[Store], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-def load_settings() -> Settings:
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, with ``overrides`` that are not ``None`` taking precedence; raise :class:`AdminError`."""
     try:
-        return Settings()
+        return Settings(**{name: value for name, value in overrides.items() if value is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         location = ".".join(str(part) for part in first.get("loc", ()))

@@ -169,7 +169,7 @@ class AnonymousSigner:
             issuer=self.issuer,
             options={"verify_exp": False, "verify_nbf": False, "require": ["exp", "iat", "sub", "iss", "aud"]},
         )
-        _check_times(claims, self._clock.time())
+        check_token_times(claims, self._clock.time())
         if claims.get("provider") != "anonymous" or not str(claims.get("sub", "")).startswith("anon_"):
             raise jwt.InvalidTokenError("not an anonymous identity token")
         return claims
@@ -184,7 +184,7 @@ class AnonymousSigner:
         raise jwt.InvalidKeyError("unknown key id")
 
 
-def _check_times(claims: dict[str, Any], now: float, leeway: float = 0.0) -> None:
+def check_token_times(claims: dict[str, Any], now: float, leeway: float = 0.0) -> None:
     """Check ``exp`` and ``nbf`` against the injected clock (PyJWT reads the wall clock)."""
     exp = claims.get("exp")
     if not isinstance(exp, (int, float)) or now >= exp + leeway:
@@ -253,7 +253,7 @@ class ApiKeys:
                 issuer=self.issuer,
                 options={"verify_exp": False, "verify_nbf": False, "require": ["exp", "jti", "sub"]},
             )
-            _check_times(claims, self._clock.time())
+            check_token_times(claims, self._clock.time())
         except jwt.ExpiredSignatureError:
             raise ApiKeyError("API key expired") from None
         except jwt.PyJWTError:

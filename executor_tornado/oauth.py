@@ -23,7 +23,7 @@ import jwt
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from executor_tornado.clock import Clock
-from executor_tornado.keys import _check_times
+from executor_tornado.keys import check_token_times
 from executor_tornado.settings import Settings
 
 __all__ = ["MetadataProxy", "OAuthPrincipal", "OAuthVerifier", "TokenRejected", "UpstreamResponse"]
@@ -105,7 +105,7 @@ class OAuthVerifier:
                     "require": ["exp", "iss", "sub"],
                 },
             )
-            _check_times(claims, self._clock.time(), leeway=30.0)
+            check_token_times(claims, self._clock.time(), leeway=30.0)
         except jwt.PyJWTError as exc:
             raise TokenRejected(f"token rejected: {type(exc).__name__}") from None
 

@@ -4,7 +4,7 @@ The handler does the HTTP part of every MCP request, in the order the
 service promises: rate limit (429), ``workspaceId`` and authentication
 (400, 401, 403, 503), then hands the request to
 :class:`~executor_tornado.mcp.transport.McpTransport` for session lookup and
-the transport rules. Bodies are streamed so an oversized one is answered 413
+the transport rules. Bodies are streamed, so an oversized one gets 413
 without being buffered.
 """
 

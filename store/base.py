@@ -2,7 +2,7 @@
 
 Both backends (:mod:`store.sqlite` and :mod:`store.mongo`) implement
 :class:`Store` and pass the same conformance suite
-(``tests/test_store_conformance.py``). The store knows nothing of HTTP.
+(``tests/test_store_conformance.py``). The store has no dependency on HTTP.
 
 Example::
 
@@ -75,7 +75,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise :class:`StoreError` unless the store answers a trivial query."""
+        """Raise :class:`StoreError` unless the store completes a trivial query."""
 
     # -- accounts, organizations, memberships, workspaces -----------------
 

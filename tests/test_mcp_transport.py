@@ -192,7 +192,9 @@ async def test_request_answered_as_sse_with_priming(data_dir: Path) -> None:
             reader = SseReader(response)
             events = await reader.events_until_response(3)
         priming = events[0]
-        assert priming.data == "" and priming.retry == 3000 and priming.id is not None
+        assert priming.data == ""
+        assert priming.retry == 3000
+        assert priming.id is not None
         progress = [e.message for e in events[1:-1]]
         assert [p["params"]["progress"] for p in progress] == [1, 2, 3]
         assert all(p["params"]["progressToken"] == "p1" for p in progress)
@@ -232,7 +234,8 @@ async def test_get_stream_and_second_get_409(data_dir: Path) -> None:
             assert first.headers["Content-Type"] == "text/event-stream"
             reader = SseReader(first)
             priming = await reader.next_event()
-            assert priming.data == "" and priming.retry == 3000
+            assert priming.data == ""
+            assert priming.retry == 3000
 
             second = await mcp.client.get(mcp.url, headers=mcp.headers(session_id, Accept="text/event-stream"))
             assert second.status_code == 409
@@ -478,4 +481,5 @@ async def test_idle_stream_gets_keepalive_comments(data_dir: Path) -> None:
             await reader.next_event()
             comment = await reader.next_event(timeout=5, skip_comments=False)
             assert comment.comments == ["keep-alive"]
-            assert comment.id is None and comment.data == ""
+            assert comment.id is None
+            assert comment.data == ""

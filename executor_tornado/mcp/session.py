@@ -208,7 +208,7 @@ class LiveSession:
         """Hand a client message to the kernel.
 
         For a request, return its :class:`PendingRequest`, registered before
-        the kernel sees the message so no reply can be missed.
+        the kernel receives the message, so no reply can be missed.
         """
         assert self._inbound_send is not None
         self.last_activity = self._runtime.clock.time()

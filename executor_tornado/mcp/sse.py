@@ -58,7 +58,7 @@ def event_frame(event_id: str, data: str) -> bytes:
 
 
 def priming_frame(event_id: str, retry_ms: int) -> bytes:
-    """The first event of a stream for protocol 2025-11-25 and later: an id, empty data and ``retry``."""
+    """Build the first event of a stream for protocol 2025-11-25 and later: an id, empty data and ``retry``."""
     return f"id: {event_id}\nretry: {retry_ms}\ndata: \n\n".encode()
 
 

@@ -1,6 +1,6 @@
 """The handshake-era MCP session state machine, as data.
 
-A session is ``initializing`` once the server has answered ``initialize``
+A session is ``initializing`` once the server has replied to ``initialize``
 and issued the session id, ``active`` after the client's
 ``notifications/initialized``, and ``closed`` after a DELETE, idle expiry,
 server shutdown or eviction. A closed session is never reopened. Requests
@@ -41,7 +41,7 @@ class SessionEvent(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Rejected(Exception):
-    """The event is not allowed in the session's state; answer ``status``."""
+    """The event is not allowed in the session's state, so the response has ``status``."""
 
     status: int
     message: str

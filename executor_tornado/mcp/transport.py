@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -166,7 +167,7 @@ class McpTransport:
 
     @property
     def in_flight_count(self) -> int:
-        """Requests that a kernel of this process has not answered yet."""
+        """Number of requests that no kernel of this process has responded to yet."""
         return sum(len(live.pending) for live in self.live.values())
 
     @property
@@ -739,13 +740,5 @@ class SingleExchangeContext:
 
 
 def _with_session(caller: McpCaller, session_id: str | None, protocol_version: str) -> McpCaller:
-    return McpCaller(
-        principal=caller.principal,
-        account_id=caller.account_id,
-        workspace_id=caller.workspace_id,
-        auth_kind=caller.auth_kind,
-        session_id=session_id,
-        protocol_version=protocol_version,
-        headers=caller.headers,
-    )
+    return dataclasses.replace(caller, session_id=session_id, protocol_version=protocol_version)
 
